@@ -5,7 +5,7 @@ One round r (``round-NNN/`` under ``run.output_dir``), starting from the checkpo
     (a) director   EvolveDirector curation (raypref.director) of a dynamic (prompt, teacher image)
                    set, C as the base model, the judge served by Ray Serve (serve/judge.py) and used
                    through a DeploymentHandle; the set is written as SFT data.
-    (b) sft        full fine-tuning of C on the curated set (jobs/train_preference.py's trainer).
+    (b) sft        fine-tuning (LoRA or full) of C on the curated set (jobs/train_preference.py's trainer).
     (c) prefs      preference data of the SFT model: Syn-Pic ranking (raypref.synpic; BalancedDPO reads
                    its consensus pairs) or OSPO pairs (raypref.ospo via jobs/build_ospo.py).
     (d) train      dpo | rankdpo | balanced from the SFT model -> the round's checkpoint.
@@ -21,8 +21,9 @@ Design choices (why):
   skips finished stages; Ray Train resumes a half-done training from its checkpoints (same
   run.name and storage_path) and Syn-Pic skips its committed chunks. A stage's figures (calls,
   costs, losses, wall time) live in its stage.json, so the manifest of a resumed round is complete.
-- Models are trained in full (``model.lora=false``): the next round loads the checkpoint as a
-  generator, and a LoRA export holds only the adapter.
+- LoRA (``model.lora``, the CPU default) or full fine-tuning per stage. A LoRA result is folded into
+  a copy of the stage's starting model (``train.merge_lora_checkpoint``), so every stage hands the
+  next a plain diffusers pipeline and the next round's DPO reference is the previous round's model.
 - The trained model is taken from Ray Train's checkpoint (``result.checkpoint``, on
   ``run.storage_path``), not from an ``export_dir`` written by rank 0, so it works on a multi-node
   cluster as long as ``run.output_dir`` is shared storage.
@@ -66,9 +67,9 @@ LINKED = (
     "synpic.run.output_dir", "ospo.generate.generator", "ospo.run.output", "ospo.run.round_index",
     "train.model.path", "train.data.path", "train.run.name", "train.run.storage_path", "train.run.export_dir",
 )
-REPORT_PROMPTS = (
-    "a red circle", "two blue squares", "three green triangles", "a yellow star left of a red circle",
-    "a purple square above a blue triangle", "a small orange circle",
+REPORT_PROMPTS = (  # one per ShapesEval category
+    "a circle", "a square and a triangle", "three circles", "a blue square", "a triangle left of a square",
+    "a red circle and a cyan triangle",
 )
 
 
@@ -150,26 +151,30 @@ class EvolveConfig:
     model: ModelSection = field(default_factory=ModelSection)
     director: D.DirectorConfig = field(default_factory=D.DirectorConfig)
     judge_serve: JudgeServeSection = field(default_factory=JudgeServeSection)
-    sft: T.TrainConfig = field(default_factory=lambda: _train_cfg("sft", 60, 5e-5))
+    sft: T.TrainConfig = field(default_factory=lambda: _train_cfg("sft", 60, 1e-3))
     prefs: PrefsSection = field(default_factory=PrefsSection)
     synpic: S.SynPicConfig = field(default_factory=S.SynPicConfig)
     ospo: O.OSPOConfig = field(default_factory=O.OSPOConfig)
-    train: T.TrainConfig = field(default_factory=lambda: _train_cfg("dpo", 60, 2e-5))
+    train: T.TrainConfig = field(default_factory=lambda: _train_cfg("dpo", 40, 2e-4, sft_weight=1.0))
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
         check(self.sft.loss.method == "sft", f"sft.loss.method must be 'sft', got {self.sft.loss.method!r}")
         check(self.train.loss.method in PREF_METHODS,
               f"train.loss.method must be one of {PREF_METHODS}, got {self.train.loss.method!r}")
-        for name, tc in (("sft", self.sft), ("train", self.train)):
-            check(not tc.model.lora, f"{name}.model.lora must be false: the next round loads the model as a "
-                                     "generator, and a LoRA export holds only the adapter")
 
 
-def _train_cfg(method: str, steps: int, lr: float, batch: int = 16, cpus: float = 1.0) -> T.TrainConfig:
+# LoRA on every linear layer of the shapes transformer's blocks plus its output projection (the
+# layer that draws each patch's pixels): attention alone cannot move outlines within a few dozen steps.
+SHAPES_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                       "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_out")
+
+
+def _train_cfg(method: str, steps: int, lr: float, batch: int = 16, cpus: float = 1.0, lora: bool = True,
+               rank: int = 16, sft_weight: float = 0.0) -> T.TrainConfig:
     return T.TrainConfig(
-        model=T.ModelSection(lora=False),
-        loss=T.LossSection(method=method),
+        model=T.ModelSection(lora=lora, lora_rank=rank, lora_alpha=float(rank), lora_targets=SHAPES_LORA_TARGETS),
+        loss=T.LossSection(method=method, sft_weight=sft_weight),
         optim=T.OptimSection(lr=lr, warmup_steps=min(10, steps // 5), batch_size=batch, max_steps=steps),
         # max_failures: a worker lost to an overloaded node restarts from the last checkpoint
         run=T.RunSection(num_workers=1, cpus_per_worker=cpus, checkpoint_every=steps, log_every=10,
@@ -178,11 +183,12 @@ def _train_cfg(method: str, steps: int, lr: float, batch: int = 16, cpus: float 
 
 
 def shapes_cpu() -> EvolveConfig:
-    """The default: the shipped shapes base model on a 2-core CPU, 3 rounds, every stage small.
+    """The default: the shipped shapes base model on a 2-core CPU, 3 rounds in under 15 minutes.
 
-    All sizes are here (the lead tunes them to the ~12 minute budget): director = 4 prompts per
-    category judged against 4 teachers, SFT and DPO = 60 steps of 16 prompts, Syn-Pic = 4 prompts
-    per category x (2 teachers + the model), ShapesEval = 20 prompts per category, 20 sampling steps.
+    Director = 4 prompts per category judged against 4 teachers; SFT = LoRA (rank 16) on the curated
+    set; Syn-Pic = 4 prompts per category x (2 teachers + the model); DPO = LoRA with the winner's
+    error added (``loss.sft_weight``) so a small preference set is not fitted by degrading every image;
+    ShapesEval = 20 prompts per category (the same prompts and seeds every round).
     """
     return EvolveConfig(
         run=RunSection(rounds=3),
@@ -194,14 +200,14 @@ def shapes_cpu() -> EvolveConfig:
             judge=D.JudgeSection(error_rate=0.1),
             run=D.RunSection(name="evolve-director"),
         ),
-        sft=_train_cfg("sft", 60, 5e-5),
+        sft=_train_cfg("sft", 60, 1e-3),
         synpic=dataclasses.replace(
             S.shapes_cpu(),
             prompts=S.PromptsSection(n_per_category=4),
             generators=S.GeneratorsSection(specs=("teacher:prism", "teacher:quill"), batch_size=32),
             run=S.RunSection(chunk_size=64, window_chunks=0, progress=False),
         ),
-        train=_train_cfg("dpo", 60, 2e-5),
+        train=_train_cfg("dpo", 40, 2e-4, sft_weight=1.0),
         eval=EvalSection(n_per_category=20, seed=0),
     )
 
@@ -505,7 +511,8 @@ def linked_director(cfg: EvolveConfig, run_dir: Path, ckpt: Path) -> D.DirectorC
 
 
 def fit_and_copy(tcfg: T.TrainConfig, out_model: Path) -> dict:
-    """Train with jobs/train_preference.py's trainer; copy the final checkpoint's pipeline to ``out_model``."""
+    """Train with jobs/train_preference.py's trainer; write the final model to ``out_model`` as a full
+    pipeline (a LoRA checkpoint is folded into a copy of the starting model)."""
     job = load_job("train_preference")
     result = job.build_trainer(tcfg).fit()
     if result.checkpoint is None:
@@ -513,7 +520,10 @@ def fit_and_copy(tcfg: T.TrainConfig, out_model: Path) -> dict:
     tmp = out_model.with_name(out_model.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with result.checkpoint.as_directory() as d:
-        shutil.copytree(Path(d) / T.PIPELINE_DIR, tmp)
+        if tcfg.model.lora:  # fold the adapter in: the next stage loads a plain pipeline
+            T.merge_lora_checkpoint(tcfg.model.path, str(Path(d) / T.LORA_DIR), str(tmp))
+        else:
+            shutil.copytree(Path(d) / T.PIPELINE_DIR, tmp)
     shutil.rmtree(out_model, ignore_errors=True)
     os.replace(tmp, out_model)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
@@ -526,7 +536,7 @@ def fit_and_copy(tcfg: T.TrainConfig, out_model: Path) -> dict:
 
 
 def _train_linked(tc: T.TrainConfig, cfg: EvolveConfig, sdir: Path, r: int, stage: str, model: Path, data: str):
-    return merge(tc, {"model": {"path": str(model), "lora": False}, "data": {"path": str(data)},
+    return merge(tc, {"model": {"path": str(model)}, "data": {"path": str(data)},
                       "run": {"name": f"{cfg.run.name}-r{r:03d}-{stage}", "storage_path": str(sdir / "ray"),
                               "export_dir": ""}})
 

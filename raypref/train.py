@@ -55,7 +55,7 @@ METHODS = ("dpo", "rankdpo", "balanced", "sft")
 COLUMNS = ["prompt_id", "prompt", "images", "generators", "phi", "pairs"]
 TRAIN_STATE = "train_state.pt"
 METRIC_KEYS = {  # per-prompt means reported each step (dpo_metrics' keys for the pairwise methods)
-    "pairwise": ("loss", "implicit_acc", "margin", "reward_w", "reward_l", "kl_proxy", "policy_err", "ref_err"),
+    "pairwise": ("loss", "pref_loss", "implicit_acc", "margin", "reward_w", "reward_l", "kl_proxy", "policy_err", "ref_err"),
     "sft": ("loss", "policy_err"),
 }
 LORA_DIR = "lora"
@@ -88,6 +88,10 @@ class ModelSection:
 class DataSection:
     path: str = "~/raypref_runs/prefs/shapes.parquet"
     seed: int = 0  # noise / timestep stream
+    # Keep the worker's shard in memory after the first epoch, replayed in the same order. A small
+    # preference set then costs one Ray Data execution instead of one per epoch (seconds each);
+    # turn off for shards that do not fit in a worker's memory.
+    cache_shard: bool = True
 
     def __post_init__(self):
         check(bool(self.path), "data.path must not be empty")
@@ -103,8 +107,15 @@ class LossSection:
     ref_refresh_every: int = 0  # balanced: copy policy -> reference every N steps (0 = never)
     sft_target: str = "best"  # sft: "best" image by phi, or "generator" (all images of sft_generator)
     sft_generator: str = ""
+    # dpo | rankdpo | balanced: add sft_weight x the winner's (rankdpo: the top image's) denoising error
+    # per prompt (RPO-style). Without it a small preference set is fitted by making every image worse
+    # (winner error up, loser error up faster): the loss falls while samples degrade.
+    sft_weight: float = 0.0
 
     def __post_init__(self):
+        check(math.isfinite(self.sft_weight) and self.sft_weight >= 0,
+              f"loss.sft_weight must be >= 0, got {self.sft_weight}")
+        check(self.sft_weight == 0 or self.method != "sft", "loss.sft_weight is for dpo|rankdpo|balanced, not sft")
         check(self.method in METHODS, f"loss.method must be one of {METHODS}, got {self.method!r}")
         check(math.isfinite(self.beta) and self.beta > 0, f"loss.beta must be > 0, got {self.beta}")
         check(self.dpo_pairs in ("best_worst", "all"), f"loss.dpo_pairs must be best_worst|all, got {self.dpo_pairs!r}")
@@ -356,6 +367,37 @@ def load_lora(pipe, directory: str) -> None:
     meta = {k[len(attr) + 1:]: v for k, v in (meta or {}).items() if k.startswith(attr + ".")}
     inject_adapter_in_model(LoraConfig(**meta), pipe.denoiser, "default")
     set_peft_model_state_dict(pipe.denoiser, state, adapter_name="default")
+
+
+@torch.no_grad()
+def fold_lora(denoiser: torch.nn.Module) -> int:
+    """Merge every LoRA layer into its base weight and put the plain base layer back (peft's
+    ``merge_and_unload`` for any denoiser, with or without diffusers' PeftAdapterMixin). Returns the
+    number of layers folded; afterwards the module holds no adapter and saves as a plain model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    folded = 0
+    for name, module in list(denoiser.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(denoiser.get_submodule(parent_name) if parent_name else denoiser, child, module.get_base_layer())
+            folded += 1
+    if hasattr(denoiser, "peft_config"):
+        del denoiser.peft_config
+    if getattr(denoiser, "_hf_peft_config_loaded", False):
+        denoiser._hf_peft_config_loaded = False
+    return folded
+
+
+def merge_lora_checkpoint(model_path: str, lora_dir: str, out_dir: str) -> None:
+    """Save ``model_path`` with the :func:`save_lora` adapter in ``lora_dir`` folded into its weights,
+    as a full diffusers pipeline: what the next stage loads as a plain generator."""
+    pipe = load_model(model_path)
+    load_lora(pipe, lora_dir)
+    if fold_lora(pipe.denoiser) == 0:
+        raise ValueError(f"{lora_dir} holds no LoRA layer for the denoiser of {model_path}")
+    pipe.save_pretrained(out_dir)
 
 
 # ----------------------------------------------------------------------------- state
@@ -623,6 +665,9 @@ def batch_loss(state: TrainState, batch: dict) -> tuple[torch.Tensor, dict[str, 
         m = dpo_metrics(e.gather(1, best)[:, 0], e.gather(1, worst)[:, 0], r.gather(1, best)[:, 0],
                         r.gather(1, worst)[:, 0], cfg.beta)
         m["implicit_acc"] = rank_pair_accuracy(e.detach(), r, phi)
+        m["pref_loss"] = loss.detach().mean()  # "loss" less the sft_weight term
+        if cfg.sft_weight > 0:
+            loss = loss + cfg.sft_weight * e.gather(1, best)[:, 0]
         m["loss"] = loss.detach().mean()
         return loss.sum(), m
     w, lo, prow = batch["pairs"].unbind(1)
@@ -635,6 +680,9 @@ def batch_loss(state: TrainState, batch: dict) -> tuple[torch.Tensor, dict[str, 
     n_pairs = torch.zeros(n_rows, device=err.device).index_add(0, prow, torch.ones_like(pair_loss))
     per_row = torch.zeros(n_rows, device=err.device).index_add(0, prow, pair_loss) / n_pairs
     m = dpo_metrics(err[w], err[lo], ref[w], ref[lo], cfg.beta)
+    m["pref_loss"] = per_row.detach().mean()  # "loss" less the sft_weight term
+    if cfg.sft_weight > 0:  # mean winner error over the prompt's pairs
+        per_row = per_row + cfg.sft_weight * torch.zeros(n_rows, device=err.device).index_add(0, prow, err[w]) / n_pairs
     m["loss"] = per_row.detach().mean()
     return per_row.sum(), m
 
@@ -826,9 +874,21 @@ def train_func(config: dict) -> None:
             load_checkpoint(state, d)
     shard = ray.train.get_dataset_shard("train")
 
+    cached: list[list[dict]] = []
+    complete = False
+
     def epoch_rows():
+        nonlocal complete
+        if complete:
+            yield from cached
+            return
+        cached.clear()
         for batch in shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="pyarrow", drop_last=True):
-            yield _rows(batch)
+            rows = _rows(batch)
+            if cfg.data.cache_shard:
+                cached.append(rows)
+            yield rows
+        complete = cfg.data.cache_shard  # only a fully read epoch is replayed
 
     def report(metrics, directory):
         checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None

@@ -54,7 +54,7 @@ def tree_state(*dirs) -> dict:
 # ---------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("override, match", [
     ("train.loss.method=sft", "train.loss.method"), ("sft.loss.method=dpo", "sft.loss.method"),
-    ("sft.model.lora=true", "lora"), ("train.model.lora=true", "lora"), ("prefs.source=humans", "prefs.source"),
+    ("sft.model.lora_rank=0", "lora_rank"), ("prefs.source=humans", "prefs.source"),
     ("run.rounds=-1", "run.rounds"), ("eval.n_per_category=0", "n_per_category"), ("model.steps=0", "model.steps"),
     ("judge_serve.proxy_location=Nowhere", "proxy_location"), ("director.round.p_mutate=2", "p_mutate"),
     ("synpic.generators.specs=[teacher:prism]", "K >= 2"), ("sft.optim.colour=1", "unknown config key"),

@@ -336,6 +336,30 @@ def test_reward_batch_callables():
     assert out["score_aesthetic"].dtype == np.float32 and out["score_aesthetic"][0] == 1.0
 
 
+def test_vqa_reward_is_the_judges_yes_fraction():
+    from raypref.rewards import build_reward
+    from raypref.rewards.vqa import VQAReward
+
+    scene_ok = draw(("circle", "red", 8, 8, 5), ("square", "blue", 24, 24, 5))
+    scene_half = draw(("circle", "red", 8, 8, 5))  # the square is missing
+    prompt = "a red circle and a blue square"
+    batch = {"prompt": np.array([prompt] * 3), "image": np.stack([scene_ok, scene_half, blank()])}
+    exact = VQAReward(error_rate=0.0)
+    n_q = len(exact.judge.questions(prompt))
+    out = exact(batch)
+    half = sum(exact.judge.vqa(scene_half, exact.judge.questions(prompt))) / n_q
+    assert out["score_vqa"].dtype == np.float32
+    assert out["score_vqa"].tolist() == pytest.approx([1.0, half, 0.0]) and 0 < half < 1
+    # the default simulates a fair VLM: 10 % of answers flipped, deterministically per (image, question)
+    noisy = build_reward("vqa")
+    prompts = [p for c in CATEGORIES for p in sample_prompts(c, 20, 3)]
+    ims = Teacher("clean").generate(prompts, list(range(len(prompts))))
+    a = noisy({"prompt": np.array(prompts), "image": ims})["score_vqa"]
+    assert 0.7 < a.mean() < 1.0 and np.array_equal(a, noisy({"prompt": np.array(prompts), "image": ims})["score_vqa"])
+    with pytest.raises(ValueError, match="error_rate"):
+        VQAReward(error_rate=2.0)
+
+
 # ---------------------------------------------------------------- evaluation sets and the CLI
 
 def test_eval_dir_is_rescorable(tmp_path):

@@ -143,6 +143,29 @@ def test_first_step_loss_matches_policy_equals_reference(family, rows):
         assert m["implicit_acc"] == 0.0 and m["kl_proxy"] == 0.0
 
 
+@pytest.mark.parametrize("method", ["dpo", "rankdpo", "balanced"])
+def test_sft_weight_adds_the_winners_error(method, rows):
+    """loss = preference loss + sft_weight x (per prompt) mean error of the winning image(s)."""
+    lam = 0.5
+    state = T.build_state(tiny_cfg(method, sft_weight=lam), pipe=build_pipeline("tiny", "sd3", seed=0))
+    batch = T.collate(rows, state)
+    with torch.no_grad():
+        err = T.errors(state, batch)
+        if method == "rankdpo":
+            b, k = batch["phi"].shape
+            win = err.view(b, k).gather(1, batch["phi"].argmax(1, keepdim=True))[:, 0]
+        else:
+            w, _, prow = batch["pairs"].unbind(1)
+            n = torch.zeros(batch["n_rows"]).index_add(0, prow, torch.ones(len(w)))
+            win = torch.zeros(batch["n_rows"]).index_add(0, prow, err[w]) / n
+    m = T.train_step(state, [rows])
+    assert m["loss"] == pytest.approx(m["pref_loss"] + lam * win.mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="sft_weight"):
+        tiny_cfg("sft", sft_weight=lam)
+    with pytest.raises(ValueError, match="sft_weight"):
+        tiny_cfg("dpo", sft_weight=-1.0)
+
+
 def test_noise_shared_per_prompt_and_independent_of_split(rows):
     state = T.build_state(tiny_cfg("rankdpo"), pipe=build_pipeline("tiny", "sd3", seed=0))
     whole = T.collate(rows, state)
@@ -274,6 +297,26 @@ def test_lora_checkpoint_loads_into_fresh_pipeline(family, rows, tmp_path):
         assert (trained - plain).abs().max() > 1e-5
         for f in fresh:
             torch.testing.assert_close(f.predict(x, t, cond), trained, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_merged_lora_checkpoint_is_a_plain_pipeline_with_the_same_outputs(family, rows, tmp_path):
+    base = build_pipeline("tiny", family, seed=0)
+    base.save_pretrained(tmp_path / "base")
+    state = T.build_state(tiny_cfg("sft", True), pipe=ShapesPipeline.from_pretrained(tmp_path / "base"))
+    for _ in range(2):
+        T.train_step(state, [rows])
+    T.save_checkpoint(state, str(tmp_path / "ckpt"))
+    T.merge_lora_checkpoint(str(tmp_path / "base"), str(tmp_path / "ckpt" / T.LORA_DIR), str(tmp_path / "merged"))
+    merged = ShapesPipeline.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.denoiser.named_parameters())
+    assert sum(p.numel() for p in merged.denoiser.parameters()) == sum(p.numel() for p in base.denoiser.parameters())
+    x, t, cond = probe(base)
+    with torch.no_grad():
+        trained = state.pipe.predict(x, t, cond)
+        assert (trained - base.predict(x, t, cond)).abs().max() > 1e-5
+        torch.testing.assert_close(merged.predict(x, t, cond), trained, rtol=1e-4, atol=1e-5)
+    assert T.fold_lora(merged.denoiser) == 0  # nothing left to fold
 
 
 def test_full_checkpoint_is_a_diffusers_pipeline(rows, tmp_path):

@@ -11,6 +11,7 @@ from raypref.rewards.hps import HPSv2
 from raypref.rewards.imagereward import ImageRewardScore
 from raypref.rewards.pickscore import PickScore
 from raypref.rewards.shapes import AestheticReward, FaithfulnessReward
+from raypref.rewards.vqa import VQAReward
 
 REWARDS = {
     "clip": ClipScore,
@@ -20,6 +21,7 @@ REWARDS = {
     "imagereward": ImageRewardScore,
     "faithfulness": FaithfulnessReward,
     "aesthetic": AestheticReward,
+    "vqa": VQAReward,
 }
 
 
