@@ -15,9 +15,9 @@ record per perturbation: base, perturbed, operation, binding, kept slot, drop re
 ``<output>.summary.json`` (counts per operation, filtered-out counts with reasons).
 
 Rounds: round r's rows go to ``<output stem>.round{r}.parquet``; ``jobs/train_preference.py``'s
-``main`` trains on them with full fine-tuning (``model.lora=false``: the next round's generator
-loads a diffusers pipeline, and a LoRA export holds only the adapter) and exports to
-``<output dir>/ospo_round{r}_model``, which generates round r + 1.
+trainer trains on them (LoRA by default, folded into a full pipeline; or full fine-tuning with
+``--train-override model.lora=false``) and writes ``<output dir>/ospo_round{r}_model``, which
+generates round r + 1.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from raypref.config import job_parser, load_config, to_dict
 from raypref.generators import GENERATORS, build_generator, resolve_checkpoint
 from raypref.ospo import PRESETS, OSPOConfig, VQAScorer, build_pairs, ospo_rounds, plan
 from raypref.prefdata import to_table
+from raypref.train import LORA_DIR, PIPELINE_DIR, merge_lora_checkpoint
 
 
 def generator_kwargs(cfg: OSPOConfig, spec: str) -> dict:
@@ -117,11 +119,20 @@ def make_trainer(cfg: OSPOConfig, preset: str, method: str, extra: list[str]):
         if not model.startswith("checkpoint:"):
             raise ValueError(f"only checkpoint:... models can be trained, got {model!r}")
         export = out.parent / f"ospo_round{r}_model"
-        _load_train_job().main([
-            "--preset", preset, "--method", method, f"data.path={data}",
-            f"model.path={resolve_checkpoint(model.partition(':')[2])}", "model.lora=false",
-            f"run.name=ospo-round{r}", f"run.export_dir={export}", *extra,
-        ])
+        base = str(resolve_checkpoint(model.partition(":")[2]))
+        job = _load_train_job()
+        cfg = job.parse_config(["--preset", preset, "--method", method, f"data.path={data}", f"model.path={base}",
+                                f"run.name=ospo-round{r}", "run.export_dir=", *extra])
+        result = job.build_trainer(cfg).fit()
+        tmp = export.with_name(export.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with result.checkpoint.as_directory() as d:
+            if cfg.model.lora:  # the adapter folded into a full pipeline: the next round generates with it
+                merge_lora_checkpoint(base, str(Path(d) / LORA_DIR), str(tmp))
+            else:
+                shutil.copytree(Path(d) / PIPELINE_DIR, tmp)
+        shutil.rmtree(export, ignore_errors=True)
+        os.replace(tmp, export)
         return f"checkpoint:{export}"
 
     return train

@@ -360,3 +360,23 @@ def test_job_plain_and_ray_data_give_the_same_rows(tmp_path, ray_local):
     assert sum(summary["per_operation"].values()) == 12
     lines = (tmp_path / "ray.records.jsonl").read_text().splitlines()
     assert len(lines) == 12 and {"base", "perturbed", "operation", "binding"} <= set(json.loads(lines[0]))
+
+
+def test_job_trainer_hands_the_next_round_a_full_pipeline(ray_local, scorer, tmp_path):
+    """The job's between-rounds training (LoRA DPO, tiny preset) folds the adapter into a plain pipeline."""
+    import torch
+
+    from raypref.shapes.model import ShapesPipeline, build_pipeline
+
+    build_pipeline("tiny", "sd3", seed=0).save_pretrained(tmp_path / "base")
+    cfg = _cfg(run={"output": str(tmp_path / "ospo.parquet")})
+    rows, _, _ = ospo.build_pairs(cfg, build_generator("teacher:vellum", size=16), scorer)  # the model is 16 x 16
+    assert rows
+    train = _job().make_trainer(cfg, "tiny_test", "dpo", [f"run.storage_path={tmp_path / 'runs'}", "run.num_workers=1"])
+    spec = train(rows, f"checkpoint:{tmp_path / 'base'}", 0)
+    model = ShapesPipeline.from_pretrained(spec.partition(":")[2])
+    base = ShapesPipeline.from_pretrained(tmp_path / "base")
+    assert not any("lora" in n for n, _ in model.denoiser.named_parameters())
+    changed = [n for (n, a), (_, b) in zip(model.denoiser.named_parameters(), base.denoiser.named_parameters())
+               if not torch.equal(a, b)]
+    assert changed and all(".attn." in n for n in changed), changed[:5]  # tiny preset: LoRA on attention only
