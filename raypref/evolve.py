@@ -155,7 +155,7 @@ class EvolveConfig:
     prefs: PrefsSection = field(default_factory=PrefsSection)
     synpic: S.SynPicConfig = field(default_factory=S.SynPicConfig)
     ospo: O.OSPOConfig = field(default_factory=O.OSPOConfig)
-    train: T.TrainConfig = field(default_factory=lambda: _train_cfg("dpo", 40, 2e-4, sft_weight=1.0))
+    train: T.TrainConfig = field(default_factory=lambda: _train_cfg("dpo", 40, 1e-4, sft_weight=500.0))
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
@@ -207,7 +207,7 @@ def shapes_cpu() -> EvolveConfig:
             generators=S.GeneratorsSection(specs=("teacher:prism", "teacher:quill"), batch_size=32),
             run=S.RunSection(chunk_size=64, window_chunks=0, progress=False),
         ),
-        train=_train_cfg("dpo", 40, 2e-4, sft_weight=1.0),
+        train=_train_cfg("dpo", 40, 1e-4, sft_weight=500.0),
         eval=EvalSection(n_per_category=20, seed=0),
     )
 

@@ -109,7 +109,9 @@ class LossSection:
     sft_generator: str = ""
     # dpo | rankdpo | balanced: add sft_weight x the winner's (rankdpo: the top image's) denoising error
     # per prompt (RPO-style). Without it a small preference set is fitted by making every image worse
-    # (winner error up, loser error up faster): the loss falls while samples degrade.
+    # (winner error up, loser error up faster): the loss falls while samples degrade. Scale: at the
+    # start the preference loss pulls on the winner's error with about beta / 4, so values that matter
+    # are in the hundreds for beta = 2000.
     sft_weight: float = 0.0
 
     def __post_init__(self):

@@ -376,3 +376,20 @@ def test_cli_shapes_eval(tmp_path, capsys):
     assert "| teacher:clean | 1.000 |" in capsys.readouterr().out
     assert cli_main(["shapes-eval", "--generator", "painter:x", "--n-per-category", "5"]) == 2
     assert "bad generator spec" in capsys.readouterr().err
+
+
+def test_shipped_shapes_clip_prefers_the_right_render():
+    """The packaged shapes CLIP (jobs/train_shapes_clip.py, probe 1.00 / 1.00 at n = 100) loads by name
+    and scores a correct render above the category's typical mistake for objects and colours."""
+    from raypref.rewards import build_reward
+    from raypref.rewards.clip import SHIPPED_CLIP
+    from raypref.shapes.clip import probe
+
+    assert (SHIPPED_CLIP / "open_clip_config.json").exists()
+    assert sum(p.stat().st_size for p in SHIPPED_CLIP.iterdir()) < 10 * 2**20
+    out = probe(SHIPPED_CLIP, n_per_category=20, seed=5)
+    assert out["single_object"] >= 0.8 and out["colors"] >= 0.8, out
+    reward = build_reward("clip", model_path="shipped")
+    ims = Teacher("clean").generate(["a red circle", "a red circle"], [0, 1])
+    s = reward({"prompt": np.array(["a red circle", "a blue square"]), "image": ims})["score_clip"]
+    assert s[0] > s[1]

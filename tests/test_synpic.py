@@ -362,9 +362,9 @@ def test_derive_seed_is_stable_and_spread():
 
 
 def test_check_resources_guards_the_two_cpu_deadlock():
-    cfg = synpic.shapes_cpu()  # 5 generators + 2 rewards at 0.25 CPU, label task 0.25: 2.0 CPUs
+    cfg = synpic.shapes_cpu()  # 5 generators at 0.25 CPU + 4 rewards at 0.125, label task 0.25: 2.0 CPUs
     synpic.check_resources(cfg, cpus=2, gpus=0)
-    two = replace(cfg, generators=replace(cfg.generators, pool_size=2))  # 10 * 0.25 + 0.5 + 0.25 = 3.25
+    two = replace(cfg, generators=replace(cfg.generators, pool_size=2))  # 10 * 0.25 + 4 * 0.125 + 0.25 = 3.25
     with pytest.raises(ValueError, match="need 3.25 CPUs"):
         synpic.check_resources(two, cpus=2, gpus=0)
     gpu = replace(cfg, rewards=replace(cfg.rewards, num_gpus=1.0))

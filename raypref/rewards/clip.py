@@ -17,6 +17,8 @@ from raypref.rewards.common import check_name, prompts_and_images, resolve_devic
 __all__ = ["load_open_clip", "open_clip_cosine", "ClipScore"]
 
 _CKPT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+# The shapes CLIP (raypref.shapes.clip, trained by jobs/train_shapes_clip.py), packaged: model_path="shipped".
+SHIPPED_CLIP = Path(__file__).resolve().parent.parent / "assets" / "shapes-clip"
 
 
 def load_open_clip(model_path, arch=None, *, device="cpu", precision="fp32"):
@@ -104,13 +106,15 @@ class ClipScore:
 
     Args:
         model_path: directory with open_clip_config.json + weights, or a checkpoint file (then pass
-            ``arch``); see ``load_open_clip``.
+            ``arch``); see ``load_open_clip``. ``"shipped"``: the packaged shapes CLIP.
         arch: open_clip architecture name or model-config .json path (checkpoint-file layout only).
     """
 
     def __init__(self, model_path, *, arch=None, device="cpu", name="clip", precision="fp32"):
         self.name = check_name(name)
         self.device = resolve_device(device)
+        if str(model_path) == "shipped":
+            model_path = SHIPPED_CLIP
         self.model, self.preprocess, self.tokenizer = load_open_clip(model_path, arch, device=self.device, precision=precision)
 
     def __call__(self, batch: dict) -> dict:
