@@ -118,3 +118,17 @@ def test_shapes_eval_cli_on_a_checkpoint(tiny, tmp_path, capsys):
     assert scores["n"] == 12 and rescore_dir(out)["categories"] == scores["categories"]
     assert cli_main(["shapes-eval", "--generator", f"checkpoint:{tmp_path}/missing", "--n-per-category", "1"]) == 2
     assert "no diffusers pipeline" in capsys.readouterr().err
+
+
+def test_shipped_base_model_loads_generates_and_fits_the_budget():
+    """The packaged base model (docs/results.md): a diffusers pipeline under 20 MB of safetensors that
+    loads by name and generates seeded 32 x 32 images."""
+    from raypref.generators import SHIPPED_BASE, PipelineGenerator
+
+    weights = sum(p.stat().st_size for p in SHIPPED_BASE.rglob("*.safetensors"))
+    assert 0 < weights <= 20 * 2**20
+    gen = PipelineGenerator("shipped", num_inference_steps=4)
+    prompts = ["a red circle", "two squares"]
+    a, b = gen.generate(prompts, [0, 1]), gen.generate(prompts, [0, 1])
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    assert not np.array_equal(a[0], gen.generate(prompts[:1], [2])[0])
