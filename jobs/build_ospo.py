@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from raypref.config import job_parser, load_config, to_dict
 from raypref.generators import GENERATORS, build_generator, resolve_checkpoint
 from raypref.ospo import PRESETS, OSPOConfig, VQAScorer, build_pairs, ospo_rounds, plan
 from raypref.prefdata import to_table
-from raypref.train import LORA_DIR, PIPELINE_DIR, merge_lora_checkpoint
+from raypref.train import write_full_model
 
 
 def generator_kwargs(cfg: OSPOConfig, spec: str) -> dict:
@@ -124,15 +123,8 @@ def make_trainer(cfg: OSPOConfig, preset: str, method: str, extra: list[str]):
         cfg = job.parse_config(["--preset", preset, "--method", method, f"data.path={data}", f"model.path={base}",
                                 f"run.name=ospo-round{r}", "run.export_dir=", *extra])
         result = job.build_trainer(cfg).fit()
-        tmp = export.with_name(export.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with result.checkpoint.as_directory() as d:
-            if cfg.model.lora:  # the adapter folded into a full pipeline: the next round generates with it
-                merge_lora_checkpoint(base, str(Path(d) / LORA_DIR), str(tmp))
-            else:
-                shutil.copytree(Path(d) / PIPELINE_DIR, tmp)
-        shutil.rmtree(export, ignore_errors=True)
-        os.replace(tmp, export)
+        with result.checkpoint.as_directory() as d:  # LoRA folded in: the next round generates with it
+            write_full_model(d, cfg, str(export))
         return f"checkpoint:{export}"
 
     return train

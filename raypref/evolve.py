@@ -517,15 +517,8 @@ def fit_and_copy(tcfg: T.TrainConfig, out_model: Path) -> dict:
     result = job.build_trainer(tcfg).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {tcfg.run.name} produced no checkpoint")
-    tmp = out_model.with_name(out_model.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     with result.checkpoint.as_directory() as d:
-        if tcfg.model.lora:  # fold the adapter in: the next stage loads a plain pipeline
-            T.merge_lora_checkpoint(tcfg.model.path, str(Path(d) / T.LORA_DIR), str(tmp))
-        else:
-            shutil.copytree(Path(d) / T.PIPELINE_DIR, tmp)
-    shutil.rmtree(out_model, ignore_errors=True)
-    os.replace(tmp, out_model)
+        T.write_full_model(d, tcfg, str(out_model))
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     history = []
     df = getattr(result, "metrics_dataframe", None)

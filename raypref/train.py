@@ -402,6 +402,23 @@ def merge_lora_checkpoint(model_path: str, lora_dir: str, out_dir: str) -> None:
     pipe.save_pretrained(out_dir)
 
 
+def write_full_model(checkpoint_dir: str, cfg: TrainConfig, out_dir: str) -> None:
+    """The model of a :func:`save_checkpoint` directory as a full diffusers pipeline at ``out_dir``,
+    written atomically (``out_dir``.tmp, then rename): a LoRA checkpoint is folded into a copy of
+    ``cfg.model.path``, a full one copied. What a next stage loads as a plain generator."""
+    import shutil
+
+    out = os.path.abspath(out_dir)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.model.lora:
+        merge_lora_checkpoint(cfg.model.path, os.path.join(checkpoint_dir, LORA_DIR), tmp)
+    else:
+        shutil.copytree(os.path.join(checkpoint_dir, PIPELINE_DIR), tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 # ----------------------------------------------------------------------------- state
 
 

@@ -18,7 +18,6 @@ import dataclasses
 import importlib.util
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,9 +63,8 @@ def train(rows: list[dict], base: str, out: Path, args, name: str) -> Path:
     })
     result = _job("train_preference").build_trainer(cfg).fit()
     model = out / f"{name}_model"
-    shutil.rmtree(model, ignore_errors=True)
     with result.checkpoint.as_directory() as d:
-        T.merge_lora_checkpoint(base, str(Path(d) / T.LORA_DIR), str(model))
+        T.write_full_model(d, cfg, str(model))
     return model
 
 
