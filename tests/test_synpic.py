@@ -367,6 +367,6 @@ def test_check_resources_guards_the_two_cpu_deadlock():
     two = replace(cfg, generators=replace(cfg.generators, pool_size=2))  # 10 * 0.25 + 4 * 0.125 + 0.25 = 3.25
     with pytest.raises(ValueError, match="need 3.25 CPUs"):
         synpic.check_resources(two, cpus=2, gpus=0)
-    gpu = replace(cfg, rewards=replace(cfg.rewards, num_gpus=1.0))
-    with pytest.raises(ValueError, match="2 GPUs"):
+    gpu = replace(cfg, rewards=replace(cfg.rewards, num_gpus=1.0))  # 4 reward actors x 1 GPU
+    with pytest.raises(ValueError, match="need 2 CPUs and 4 GPUs but the cluster has 8 CPUs and 1 GPUs"):
         synpic.check_resources(gpu, cpus=8, gpus=1)
