@@ -37,6 +37,7 @@ import contextlib
 import copy
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -406,8 +407,6 @@ def write_full_model(checkpoint_dir: str, cfg: TrainConfig, out_dir: str) -> Non
     """The model of a :func:`save_checkpoint` directory as a full diffusers pipeline at ``out_dir``,
     written atomically (``out_dir``.tmp, then rename): a LoRA checkpoint is folded into a copy of
     ``cfg.model.path``, a full one copied. What a next stage loads as a plain generator."""
-    import shutil
-
     out = os.path.abspath(out_dir)
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

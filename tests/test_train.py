@@ -274,14 +274,20 @@ def test_checkpoint_resume_matches_uninterrupted(lora, rows, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["sd3", "pixart"])
-def test_lora_checkpoint_loads_into_fresh_pipeline(family, rows, tmp_path):
+def trained_lora_checkpoint(family, method, rows, tmp_path):
+    """A tiny base saved to tmp_path/base, 2 LoRA steps of ``method``, checkpoint in tmp_path/ckpt."""
     base = build_pipeline("tiny", family, seed=0)
     base.save_pretrained(tmp_path / "base")
-    state = T.build_state(tiny_cfg("dpo", True), pipe=ShapesPipeline.from_pretrained(tmp_path / "base"))
+    state = T.build_state(tiny_cfg(method, True), pipe=ShapesPipeline.from_pretrained(tmp_path / "base"))
     for _ in range(2):
         T.train_step(state, [rows])
     T.save_checkpoint(state, str(tmp_path / "ckpt"))
+    return base, state
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_lora_checkpoint_loads_into_fresh_pipeline(family, rows, tmp_path):
+    base, state = trained_lora_checkpoint(family, "dpo", rows, tmp_path)
     lora_dir = tmp_path / "ckpt" / T.LORA_DIR
     assert (lora_dir / "pytorch_lora_weights.safetensors").exists()
     fresh = [ShapesPipeline.from_pretrained(tmp_path / "base") for _ in range(2)]
@@ -301,12 +307,7 @@ def test_lora_checkpoint_loads_into_fresh_pipeline(family, rows, tmp_path):
 
 @pytest.mark.parametrize("family", ["pixart", "sd3"])
 def test_merged_lora_checkpoint_is_a_plain_pipeline_with_the_same_outputs(family, rows, tmp_path):
-    base = build_pipeline("tiny", family, seed=0)
-    base.save_pretrained(tmp_path / "base")
-    state = T.build_state(tiny_cfg("sft", True), pipe=ShapesPipeline.from_pretrained(tmp_path / "base"))
-    for _ in range(2):
-        T.train_step(state, [rows])
-    T.save_checkpoint(state, str(tmp_path / "ckpt"))
+    base, state = trained_lora_checkpoint(family, "sft", rows, tmp_path)
     T.merge_lora_checkpoint(str(tmp_path / "base"), str(tmp_path / "ckpt" / T.LORA_DIR), str(tmp_path / "merged"))
     merged = ShapesPipeline.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.denoiser.named_parameters())
