@@ -41,7 +41,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -866,6 +866,27 @@ def run_loop(state: TrainState, epoch_rows: Callable[[], Iterable[list[dict]]],
                              f"({state.skipped_rows} rows skipped)")
 
 
+def cached_epochs(read_epoch: Callable[[], Iterable[list[dict]]]) -> Callable[[], Iterator[list[dict]]]:
+    """``read_epoch`` (one pass over the data, e.g. a Ray Data shard) read once, then replayed from
+    memory in the same order. An epoch abandoned part-way (training stopped) is not replayed: the next
+    call reads again, so a replay is always a complete epoch."""
+    cached: list[list[dict]] = []
+    complete = False
+
+    def epochs():
+        nonlocal complete
+        if complete:
+            yield from cached
+            return
+        cached.clear()
+        for rows in read_epoch():
+            cached.append(rows)
+            yield rows
+        complete = True
+
+    return epochs
+
+
 def _rows(batch) -> list[dict]:
     return batch.to_pylist()
 
@@ -892,21 +913,11 @@ def train_func(config: dict) -> None:
             load_checkpoint(state, d)
     shard = ray.train.get_dataset_shard("train")
 
-    cached: list[list[dict]] = []
-    complete = False
-
-    def epoch_rows():
-        nonlocal complete
-        if complete:
-            yield from cached
-            return
-        cached.clear()
+    def read_epoch():
         for batch in shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="pyarrow", drop_last=True):
-            rows = _rows(batch)
-            if cfg.data.cache_shard:
-                cached.append(rows)
-            yield rows
-        complete = cfg.data.cache_shard  # only a fully read epoch is replayed
+            yield _rows(batch)
+
+    epoch_rows = cached_epochs(read_epoch) if cfg.data.cache_shard else read_epoch
 
     def report(metrics, directory):
         checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None

@@ -208,6 +208,21 @@ def test_sft_generator_target_and_bad_config(rows):
         dataclasses.replace(T.tiny_test(), optim=dataclasses.replace(T.tiny_test().optim, batch_size=3))
 
 
+def test_cached_epochs_read_once_and_replay_only_complete_epochs():
+    reads = []
+
+    def read_epoch():
+        reads.append(1)
+        yield from ([{"i": i}] for i in range(3))
+
+    epochs = T.cached_epochs(read_epoch)
+    first = epochs()
+    next(first)  # an epoch abandoned after one micro-batch is not cached as complete
+    assert [b[0]["i"] for b in epochs()] == [0, 1, 2] and len(reads) == 2
+    assert [b[0]["i"] for b in epochs()] == [0, 1, 2] and len(reads) == 2  # replayed, not read again
+    assert [b[0]["i"] for b in epochs()] == [0, 1, 2] and len(reads) == 2
+
+
 def test_select_hand_worked():
     row = {"phi": [0.2, 0.9, 0.1, 0.9], "generators": ["a", "b", "a", "c"],
            "pairs": [{"i": 3, "j": 0, "votes_i": 3, "votes_j": 1}, {"i": 1, "j": 2, "votes_i": 2, "votes_j": 0}]}
