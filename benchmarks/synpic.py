@@ -1,10 +1,15 @@
-"""Syn-Pic throughput: the whole Ray pipeline (1 vs 2 actors per pool) against a plain single-process loop.
+"""Syn-Pic throughput: the whole Ray pipeline against a plain single-process loop, same generators and rewards.
 
-Full benchmark (the lead runs it once the CPU is free; ~all prompts of the shapes_cpu preset's 4
-teachers + a base model, 2 rewards):
+Full benchmark (all 201 grammar prompts, the shapes_cpu preset's 4 teachers + the shipped model,
+4 rewards, a 2-CPU local Ray; run on an idle machine):
 
-    nice -n 19 env RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 .venv/bin/python benchmarks/synpic.py \
-        --preset shapes_cpu --checkpoint shipped --n-per-category 40 --pool-sizes 1 2 --num-cpus 2
+    env RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/synpic.py --preset shapes_cpu --checkpoint shipped \
+        --n-per-category 135 --model-pool-sizes 1 2 --loop-threads 1 2 --num-cpus 2 --actor-cpus 0.09
+
+``--model-pool-sizes`` sets the actors of the model generator's pool (the stage that costs ~100x the
+others per image; every other pool keeps one actor); ``--pool-sizes`` instead widens every pool.
+The loop runs once per ``--loop-threads`` torch thread count (a Ray actor with a fractional CPU runs
+one thread).
 
 Smoke run (seconds of work, random tiny model):
 
@@ -69,7 +74,10 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny_test", choices=sorted(synpic.PRESETS))
     ap.add_argument("--checkpoint", default="random-tiny")
     ap.add_argument("--n-per-category", type=int, default=2)
-    ap.add_argument("--pool-sizes", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--pool-sizes", type=int, nargs="*", default=[], help="widen every pool to each size in turn")
+    ap.add_argument("--model-pool-sizes", type=int, nargs="*", default=[1, 2],
+                    help="actors of the checkpoint generator's pool, in turn (other pools keep one)")
+    ap.add_argument("--loop-threads", type=int, nargs="+", default=[1], help="torch threads of the plain loop")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     ap.add_argument("--actor-cpus", type=float, default=0.1, help="CPUs reserved per actor")
     ap.add_argument("--steps", type=int, default=0, help="sampling steps of the checkpoint (0: the preset's)")
@@ -96,21 +104,30 @@ def main() -> None:
     prompts, _ = synpic.load_prompts(cfg.prompts, synpic.needs_grammar(cfg))
     print(f"{len(prompts)} prompts x {len(specs)} generators ({', '.join(specs)}), rewards {list(cfg.rewards.keys)}")
 
+    import torch
+
     rows = []
-    loop_s, loop_total_s, n = plain_loop(cfg, prompts)
-    rows.append(("plain loop (loading excluded)", n, loop_s))
-    rows.append(("plain loop (loading included)", n, loop_total_s))
+    for threads in args.loop_threads:
+        torch.set_num_threads(threads)
+        loop_s, loop_total_s, n = plain_loop(cfg, prompts)
+        rows.append((f"plain loop, {threads} thread(s) (loading excluded)", n, loop_s))
+        rows.append((f"plain loop, {threads} thread(s) (loading included)", n, loop_total_s))
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    for size in args.pool_sizes:
-        c = replace(cfg, generators=replace(cfg.generators, pool_size=size),
-                    rewards=replace(cfg.rewards, pool_size=size),
-                    run=replace(cfg.run, output_dir=str(tmp / f"ray-{size}")))
+    variants = [(f"Ray pipeline, {n} actor(s) in every pool", replace(cfg.generators, pool_size=n),
+                 replace(cfg.rewards, pool_size=n)) for n in args.pool_sizes]
+    is_model = [s.startswith("checkpoint:") for s in specs]
+    if any(is_model):
+        variants += [(f"Ray pipeline, {n} model-generator actor(s), 1 per other pool",
+                      replace(cfg.generators, pool_size=1, pool_sizes=tuple(n if m else 1 for m in is_model)),
+                      replace(cfg.rewards, pool_size=1)) for n in args.model_pool_sizes]
+    for i, (name, g, r) in enumerate(variants):
+        c = replace(cfg, generators=g, rewards=r, run=replace(cfg.run, output_dir=str(tmp / f"ray-{i}")))
         t0 = time.time()
         s = synpic.run(c)
-        rows.append((f"Ray pipeline, {size} actor(s) per pool", s["this_run"]["images"], time.time() - t0))
+        rows.append((name, s["this_run"]["images"], time.time() - t0))
     ray.shutdown()
 
     print("| run | images | seconds | images/s |\n|---|---|---|---|")

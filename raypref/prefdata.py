@@ -128,3 +128,38 @@ def to_pickapic(table: pa.Table) -> pa.Table:
             out["jpg_1"].append(row["images"][j])
             out["label_0"].append(1.0)
     return pa.Table.from_pydict(out, schema=PICKAPIC_SCHEMA)
+
+
+def relabel(row: dict, labeling: str, weights=None, seed: int = 0) -> dict:
+    """The same row (prompt, images, raw scores) with its labels (phi, ranking, pairs) rebuilt from
+    a different view of the scores; the ablations' way to compare labelings on one set of images.
+
+    labeling:
+        ``synpic``        phi and consensus pairs over all n metrics (what Syn-Pic writes).
+        ``reward:NAME``   one metric only: phi = wins / (K - 1), every strictly ordered pair.
+        ``mixed``         reward mixing: the weighted sum of z-normalised metrics
+                          (``labels.mixed_reward``, ``weights`` [n], default equal) as one metric.
+        ``random``        a random order of the K images, seeded by (``seed``, prompt_id): the floor.
+    """
+    from raypref import labels as L
+
+    scores = np.asarray(row["scores"], dtype=np.float64)  # [n, K]
+    names = list(row["reward_names"])
+    if labeling == "synpic":
+        metric = scores
+    elif labeling.startswith("reward:"):
+        name = labeling.partition(":")[2]
+        if name not in names:
+            raise ValueError(f"relabel {labeling!r}: the row has rewards {names}, not {name!r}")
+        metric = scores[[names.index(name)]]
+    elif labeling == "mixed":
+        w = np.ones(len(names)) if weights is None else np.asarray(weights, dtype=np.float64)
+        metric = L.mixed_reward(scores, w)[None]
+    elif labeling == "random":
+        rng = np.random.default_rng([int(seed), int(row["prompt_id"][:15], 16)])
+        metric = rng.permutation(scores.shape[1]).astype(np.float64)[None]
+    else:
+        raise ValueError(f"unknown labeling {labeling!r}; expected synpic, reward:NAME, mixed or random")
+    phi = L.synpic_phi(metric)
+    return make_row(row["prompt"], row["category"], row["images"], row["generators"], row["seeds"], names, scores,
+                    phi, L.ranking(phi), L.consensus_pairs(metric))

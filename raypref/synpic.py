@@ -85,6 +85,9 @@ class GeneratorsSection:
     guidance_scale: float = 3.0
     seed: int = 0  # mixed into every per-(prompt, generator) seed
     pool_size: int = 1  # actors per generator
+    # Per-generator actor counts aligned with ``specs`` (empty: ``pool_size`` for each). The model
+    # generators cost ~100x a procedural teacher per image, so only their pools are worth widening.
+    pool_sizes: tuple[int, ...] = ()
     num_cpus: float = 0.25  # per actor; fractional so actor pools never take every CPU (the 2-CPU deadlock)
     num_gpus: float = 0.0  # per actor (> 0 puts checkpoints on cuda)
     batch_size: int = 16
@@ -100,6 +103,14 @@ class GeneratorsSection:
         check(self.num_inference_steps >= 1,
               f"generators.num_inference_steps must be >= 1, got {self.num_inference_steps}")
         _check_pool("generators", self.pool_size, self.num_cpus, self.num_gpus, self.batch_size)
+        check(not self.pool_sizes or len(self.pool_sizes) == len(self.specs),
+              f"generators.pool_sizes needs one entry per spec ({len(self.specs)}), got {list(self.pool_sizes)}")
+        check(all(int(n) >= 1 for n in self.pool_sizes),
+              f"generators.pool_sizes entries must be >= 1, got {list(self.pool_sizes)}")
+
+    def pool_size_of(self, k: int) -> int:
+        """Actors for generator ``specs[k]``."""
+        return int(self.pool_sizes[k]) if self.pool_sizes else self.pool_size
 
 
 @dataclass(frozen=True)
@@ -433,7 +444,7 @@ def build_dataset(items: list[dict], cfg: SynPicConfig, generator_classes=None, 
             GenerateStage,
             fn_constructor_kwargs={"spec": spec, "slot": k, "options": generator_options(g, kind),
                                    "factory": (generator_classes or {}).get(kind)},
-            compute=ray.data.ActorPoolStrategy(size=g.pool_size),
+            compute=ray.data.ActorPoolStrategy(size=g.pool_size_of(k)),
             num_cpus=g.num_cpus, num_gpus=g.num_gpus, batch_size=g.batch_size, batch_format="numpy", **retry,
         )
     device = "cuda" if r.num_gpus > 0 else "cpu"
@@ -460,13 +471,13 @@ def check_resources(cfg: SynPicConfig, cpus: float, gpus: float) -> None:
     own tasks and the stream stalls forever (the 2-CPU deadlock), so this is checked up front.
     """
     g, r = cfg.generators, cfg.rewards
-    need_cpu = (len(g.specs) * g.pool_size * g.num_cpus + len(r.specs) * r.pool_size * r.num_cpus
-                + cfg.run.label_num_cpus)
-    need_gpu = len(g.specs) * g.pool_size * g.num_gpus + len(r.specs) * r.pool_size * r.num_gpus
+    gen_actors = sum(g.pool_size_of(k) for k in range(len(g.specs)))
+    need_cpu = gen_actors * g.num_cpus + len(r.specs) * r.pool_size * r.num_cpus + cfg.run.label_num_cpus
+    need_gpu = gen_actors * g.num_gpus + len(r.specs) * r.pool_size * r.num_gpus
     if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
         raise ValueError(
             f"the actor pools plus a label task need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the cluster has "
-            f"{cpus:g} CPUs and {gpus:g} GPUs; lower generators/rewards .num_cpus, .num_gpus or .pool_size "
+            f"{cpus:g} CPUs and {gpus:g} GPUs; lower generators/rewards .num_cpus, .num_gpus, .pool_size or .pool_sizes "
             "(or set run.check_resources=false on an autoscaling cluster)")
 
 

@@ -239,3 +239,50 @@ def test_bad_shapes_rejected():
         ranking([[0.1, 0.2]])
     with pytest.raises(ValueError, match="K >= 2"):
         best_worst_pair([1.0])
+
+
+# ----------------------------------------------------------------------------- relabel (ablations)
+def _row(scores):
+    from raypref.prefdata import make_row
+
+    k = len(scores[0])
+    img = np.zeros((4, 4, 3), np.uint8)
+    phi = synpic_phi(scores)
+    return make_row("a circle", "single_object", [img] * k, [f"g{i}" for i in range(k)], list(range(k)),
+                    ["faithfulness", "aesthetic"], scores, phi, ranking(phi), consensus_pairs(scores))
+
+
+def test_relabel_hand_worked():
+    from raypref.prefdata import relabel
+
+    # The two metrics disagree completely: Syn-Pic ties everything and keeps no consensus pair.
+    row = _row([[3, 1, 2], [1, 3, 2]])
+    assert row["phi"] == [0.5, 0.5, 0.5] and row["pairs"] == []
+    assert relabel(row, "synpic") == row
+    one = relabel(row, "reward:faithfulness")  # wins 2, 0, 1 of K - 1 = 2
+    assert one["phi"] == [1.0, 0.0, 0.5] and one["ranking"] == [1, 3, 2]
+    assert [(p["i"], p["j"], p["votes_i"], p["votes_j"]) for p in one["pairs"]] == [(0, 1, 1, 0), (0, 2, 1, 0),
+                                                                                   (2, 1, 1, 0)]
+    two = relabel(row, "reward:aesthetic")
+    assert two["phi"] == [0.0, 1.0, 0.5]
+    # Equal-weight mixing: z-scores cancel exactly, so no image is preferred.
+    assert relabel(row, "mixed")["phi"] == [0.0, 0.0, 0.0] and relabel(row, "mixed")["pairs"] == []
+    # Weights (2, 1): 2 z0 + z1 = 1.2247 * [1, -1, 0] -> the faithfulness order.
+    assert relabel(row, "mixed", weights=[2, 1])["phi"] == [1.0, 0.0, 0.5]
+    # Images, raw scores and metric names are untouched.
+    assert one["images"] == row["images"] and one["scores"] == row["scores"]
+
+
+def test_relabel_random_is_a_seeded_permutation_and_errors_are_clear():
+    from raypref.prefdata import relabel
+
+    row = _row([[5, 4, 3, 2], [5, 4, 3, 2]])
+    a, b = relabel(row, "random", seed=1), relabel(row, "random", seed=1)
+    assert a["phi"] == b["phi"]
+    assert sorted(a["phi"]) == pytest.approx([0, 1 / 3, 2 / 3, 1])  # a strict order of the 4 images
+    assert len(a["pairs"]) == 6
+    assert any(relabel(row, "random", seed=s)["phi"] != a["phi"] for s in range(2, 8))
+    with pytest.raises(ValueError, match="not 'clip'"):
+        relabel(row, "reward:clip")
+    with pytest.raises(ValueError, match="unknown labeling 'best'"):
+        relabel(row, "best")

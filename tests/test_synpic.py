@@ -216,8 +216,8 @@ def test_job_main_wires_config_to_run(built):
 
 
 def test_killed_generator_actor_and_nan_reward(ray_local, tmp_path):
-    """A generator actor dies mid-run (os._exit once): Ray Data restarts it and retries the batch,
-    and the dataset still holds every prompt exactly once. A reward returning NaN for one prompt
+    """A generator actor, one of a pool of two, dies mid-run (os._exit once): Ray Data restarts it and
+    retries the batch, and the dataset still holds every prompt exactly once. A reward returning NaN for one prompt
     turns that prompt into a counted skip, not a row and not a silent drop."""
     prompts = [p for p, _ in synpic.load_prompts(synpic.tiny_test().prompts, grammar=True)[0]]
     bad = prompts[7]
@@ -227,6 +227,7 @@ def test_killed_generator_actor_and_nan_reward(ray_local, tmp_path):
     rewards = {"nanny": functools.partial(NaNOnPrompt, bad_prompt=bad)}
     cfg = _cfg(tmp_path / "out", ("flaky:prism", "teacher:vellum"), rewards=("faithfulness", "nanny"),
                max_restarts=2, max_task_retries=2)
+    cfg = replace(cfg, generators=replace(cfg.generators, pool_sizes=(2, 1)))
     s = synpic.run(cfg, generator_classes=gens, reward_classes=rewards)
     assert marker.exists()  # the actor really died once
     table = pq.read_table(str(tmp_path / "out" / "data"))
@@ -370,3 +371,17 @@ def test_check_resources_guards_the_two_cpu_deadlock():
     gpu = replace(cfg, rewards=replace(cfg.rewards, num_gpus=1.0))  # 4 reward actors x 1 GPU
     with pytest.raises(ValueError, match="need 2 CPUs and 4 GPUs but the cluster has 8 CPUs and 1 GPUs"):
         synpic.check_resources(gpu, cpus=8, gpus=1)
+
+
+def test_pool_sizes_widen_one_generator_pool():
+    cfg = synpic.shapes_cpu()  # specs: 4 teachers, then checkpoint:shipped
+    g = replace(cfg.generators, pool_sizes=(1, 1, 1, 1, 3))
+    assert [g.pool_size_of(k) for k in range(5)] == [1, 1, 1, 1, 3]
+    assert [cfg.generators.pool_size_of(k) for k in range(5)] == [1] * 5
+    # 7 generator actors x 0.25 + 4 rewards x 0.125 + label 0.25 = 2.5 CPUs
+    with pytest.raises(ValueError, match="need 2.5 CPUs"):
+        synpic.check_resources(replace(cfg, generators=g), cpus=2, gpus=0)
+    with pytest.raises(ValueError, match="one entry per spec"):
+        replace(cfg.generators, pool_sizes=(2, 2))
+    with pytest.raises(ValueError, match="entries must be >= 1"):
+        replace(cfg.generators, pool_sizes=(1, 1, 1, 1, 0))
