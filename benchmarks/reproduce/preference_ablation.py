@@ -31,21 +31,20 @@ over seeds), writes ``results.json``, ``table.md`` and two PNG plots under --out
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from raypref import evolve as E  # noqa: E402
+from common import (Sampler, fmt, load_results, save_results, score_eval_dir,  # noqa: E402
+                    train_lora, win_rate)
+
 from raypref import train as T  # noqa: E402
 from raypref.generators import resolve_checkpoint  # noqa: E402
-from raypref.prefdata import decode_png, relabel  # noqa: E402
+from raypref.prefdata import relabel  # noqa: E402
 from raypref.shapes.evaluate import run_eval  # noqa: E402
 
 # arm -> (labeling, loss overrides); "{single}" is replaced by --single-reward
@@ -65,17 +64,6 @@ BALANCED_ARMS = ["bal_consensus", "bal_mixing", "bal_single"]
 WIN_METRICS = ("faithfulness", "aesthetic", "clip:shipped")
 
 
-class _Sampler:
-    """``generate(prompts, seeds)`` over a model adapter (what run_eval calls)."""
-
-    def __init__(self, adapter, name: str, steps: int, guidance: float = 3.0):
-        self.adapter, self.name, self.steps, self.guidance = adapter, name, steps, guidance
-
-    def generate(self, prompts, seeds):
-        return self.adapter.generate(list(prompts), [int(s) for s in seeds], num_inference_steps=self.steps,
-                                     guidance_scale=self.guidance)
-
-
 def load_rows(path: str) -> list[dict]:
     import pyarrow.parquet as pq
 
@@ -86,41 +74,11 @@ def load_rows(path: str) -> list[dict]:
 
 
 def train_arm(rows: list[dict], base: str, arm: str, seed: int, args):
-    """LoRA-train one arm in this process; returns (adapter with the LoRA folded in, last metrics)."""
-    labeling, loss_kw = ARMS[arm]
+    """Relabel the rows for ``arm`` and LoRA-train it in this process -> (folded adapter, metrics)."""
+    labeling, loss = ARMS[arm]
     labeled = [relabel(r, labeling.format(single=args.single_reward), seed=seed) for r in rows]
-    base_cfg = E._train_cfg("dpo", args.steps, args.lr, batch=args.batch_size, sft_weight=args.sft_weight)
-    loss_kw = {"sft_weight": args.sft_weight, **loss_kw}
-    cfg = replace(base_cfg, model=replace(base_cfg.model, path=base, lora_seed=seed),
-                  loss=replace(base_cfg.loss, **loss_kw), data=replace(base_cfg.data, seed=seed))
-    state = T.build_state(cfg)
-    rng = np.random.default_rng(seed)
-    metrics = {}
-    for _ in range(args.steps):
-        batch = [labeled[i] for i in rng.choice(len(labeled), size=args.batch_size, replace=False)]
-        metrics = T.train_step(state, [batch]) or metrics
-    T.fold_lora(state.pipe.denoiser)
-    state.pipe.denoiser.eval()
-    return state.pipe, metrics
-
-
-def score_eval_dir(eval_dir: Path, rewards: dict) -> dict[str, np.ndarray]:
-    """Per-metric scores [N] of a shapes-eval dir's images, in manifest order."""
-    items = [json.loads(line) for line in (eval_dir / "manifest.jsonl").read_text().splitlines()]
-    prompts = np.array([it["prompt"] for it in items])
-    images = np.stack([decode_png((eval_dir / it["image"]).read_bytes()) for it in items])
-    return {m: np.asarray(r({"prompt": prompts, "image": images})[f"score_{r.name}"], dtype=np.float64)
-            for m, r in rewards.items()}
-
-
-def win_rate(a: np.ndarray, b: np.ndarray) -> float:
-    """Fraction of prompts where a beats b (ties count one half)."""
-    return float(np.mean((a > b) + 0.5 * (a == b)))
-
-
-def _fmt(values: list[float]) -> str:
-    v = np.asarray(values)
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+    return train_lora(labeled, base, loss, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=seed,
+                      sft_weight=args.sft_weight)
 
 
 def tables(results: dict, cats: list[str], arms: list[str]) -> str:
@@ -130,8 +88,8 @@ def tables(results: dict, cats: list[str], arms: list[str]) -> str:
         lines += ["| arm | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
         for arm in ["start", *rk]:
             runs = results[arm]
-            lines.append(f"| {arm} | " + " | ".join(_fmt([r["categories"][c] for r in runs]) for c in cats)
-                         + f" | {_fmt([r['overall'] for r in runs])} |")
+            lines.append(f"| {arm} | " + " | ".join(fmt([r["categories"][c] for r in runs]) for c in cats)
+                         + f" | {fmt([r['overall'] for r in runs])} |")
         lines.append("")
     bal = [a for a in BALANCED_ARMS if a in arms]
     if bal:
@@ -139,8 +97,8 @@ def tables(results: dict, cats: list[str], arms: list[str]) -> str:
                   "|---" * (len(WIN_METRICS) + 2) + "|"]
         for arm in bal:
             runs = results[arm]
-            lines.append(f"| {arm} | " + " | ".join(_fmt([r["win_rate"][m] for r in runs]) for m in WIN_METRICS)
-                         + f" | {_fmt([r['overall'] for r in runs])} |")
+            lines.append(f"| {arm} | " + " | ".join(fmt([r["win_rate"][m] for r in runs]) for m in WIN_METRICS)
+                         + f" | {fmt([r['overall'] for r in runs])} |")
     return "\n".join(lines)
 
 
@@ -214,10 +172,10 @@ def main(argv=None) -> dict:
         rewards[m] = build_reward(key, name=key, **({"model_path": path} if path else {}))
     t0 = time.time()
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}  # resume finished runs
+    results = load_results(results_path)  # re-running skips finished runs
     start_dir = out / "eval_start"
     if "start" not in results:
-        score = run_eval(_Sampler(T.load_model(base), "start", args.sample_steps), args.n_per_category,
+        score = run_eval(Sampler(T.load_model(base), "start", args.sample_steps), args.n_per_category,
                          args.eval_seed, start_dir)
         results["start"] = [score]
     start_scores = score_eval_dir(start_dir, rewards)
@@ -230,12 +188,12 @@ def main(argv=None) -> dict:
             adapter, metrics = train_arm(rows, base, arm, seed, args)
             train_s = time.time() - ta
             eval_dir = out / f"eval_{arm}_s{seed}"
-            score = run_eval(_Sampler(adapter, arm, args.sample_steps), args.n_per_category, args.eval_seed, eval_dir)
+            score = run_eval(Sampler(adapter, arm, args.sample_steps), args.n_per_category, args.eval_seed, eval_dir)
             arm_scores = score_eval_dir(eval_dir, rewards)
             score.update(seed_train=seed, train_seconds=train_s, last_metrics=metrics,
                          win_rate={m: win_rate(arm_scores[m], start_scores[m]) for m in WIN_METRICS})
             results.setdefault(arm, []).append(score)
-            results_path.write_text(json.dumps(results, indent=1, default=float))
+            save_results(results_path, results)
             print(f"{arm} seed {seed}: overall {score['overall']:.3f}, win rates "
                   + ", ".join(f"{m} {v:.2f}" for m, v in score["win_rate"].items())
                   + f" ({train_s:.0f} s training, {time.time() - t0:.0f} s so far)", flush=True)

@@ -1,0 +1,79 @@
+"""Shared pieces of the paper reproductions: in-process LoRA training from preference-layout rows,
+evaluation through run_eval (a shapes-eval dir per checkpoint), win rates and mean ± sd tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from raypref import evolve as E  # noqa: E402
+from raypref import train as T  # noqa: E402
+from raypref.prefdata import decode_png  # noqa: E402
+
+
+class Sampler:
+    """``generate(prompts, seeds)`` over a model adapter (what run_eval calls)."""
+
+    def __init__(self, adapter, name: str, steps: int = 20, guidance: float = 3.0):
+        self.adapter, self.name, self.steps, self.guidance = adapter, name, steps, guidance
+
+    def generate(self, prompts, seeds):
+        return self.adapter.generate(list(prompts), [int(s) for s in seeds], num_inference_steps=self.steps,
+                                     guidance_scale=self.guidance)
+
+
+def train_lora(rows: list[dict], base: str, loss: dict, *, steps: int, lr: float, batch_size: int, seed: int,
+               sft_weight: float = 0.0):
+    """LoRA (rank 16, the driver's targets) trained in this process on preference-layout ``rows``
+    (K = 1 rows for SFT); returns (the adapter with the LoRA folded in, the last step's metrics)."""
+    base_cfg = E._train_cfg("dpo", steps, lr, batch=batch_size)
+    loss = {"sft_weight": sft_weight, **loss}
+    cfg = replace(base_cfg, model=replace(base_cfg.model, path=base, lora_seed=seed),
+                  loss=replace(base_cfg.loss, **loss), data=replace(base_cfg.data, seed=seed))
+    state = T.build_state(cfg)
+    rng = np.random.default_rng(seed)
+    metrics = {}
+    for _ in range(steps):
+        batch = [rows[i] for i in rng.choice(len(rows), size=batch_size, replace=len(rows) < batch_size)]
+        metrics = T.train_step(state, [batch]) or metrics
+    T.fold_lora(state.pipe.denoiser)
+    state.pipe.denoiser.eval()
+    return state.pipe, metrics
+
+
+def score_eval_dir(eval_dir: Path, rewards: dict) -> dict[str, np.ndarray]:
+    """Per-metric scores [N] of a shapes-eval dir's images, in manifest order."""
+    items = [json.loads(line) for line in (Path(eval_dir) / "manifest.jsonl").read_text().splitlines()]
+    prompts = np.array([it["prompt"] for it in items])
+    images = np.stack([decode_png((Path(eval_dir) / it["image"]).read_bytes()) for it in items])
+    return {m: np.asarray(r({"prompt": prompts, "image": images})[f"score_{r.name}"], dtype=np.float64)
+            for m, r in rewards.items()}
+
+
+def win_rate(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of prompts where a beats b (ties count one half)."""
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def fmt(values: list[float]) -> str:
+    """mean ± sample sd (just the mean for one value)."""
+    v = np.asarray(values, dtype=np.float64)
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def load_results(path: Path) -> dict:
+    """Finished runs of an interrupted experiment (re-running skips them)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_results(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    tmp.replace(path)
