@@ -336,6 +336,20 @@ def test_reward_batch_callables():
     assert out["score_aesthetic"].dtype == np.float32 and out["score_aesthetic"][0] == 1.0
 
 
+def test_analytic_rewards_need_no_torch():
+    """Every Syn-Pic reward actor imports raypref.rewards: the analytic ones must not pay for torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from raypref.rewards import build_reward\n"
+            "b = {'prompt': np.array(['a circle']), 'image': np.zeros((1, 32, 32, 3), np.uint8)}\n"
+            "for k in ('faithfulness', 'aesthetic', 'vqa'):\n"
+            "    build_reward(k)(b)\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_vqa_reward_is_the_judges_yes_fraction():
     from raypref.rewards import build_reward
     from raypref.rewards.vqa import VQAReward

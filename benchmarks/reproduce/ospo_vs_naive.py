@@ -3,12 +3,14 @@
 One round from the same starting model: build OSPO pairs (one object binding perturbed, same
 seeds, VQA-filtered) and naive pairs (two random samples of the same prompt ranked by the same VQA
 judge), cut both to the same number of pairs (seeded), train the same LoRA Diffusion-DPO on each
-(jobs/train_preference.py's trainer, adapter folded into a full pipeline), and ShapesEval the
-start, the naive and the OSPO model on the same prompts and seeds. Prints one markdown table and
-writes every eval set under --out (manifest.jsonl + PNGs, re-scorable).
+(in this process, adapter folded in), and ShapesEval the
+start, the naive and the OSPO model on the same prompts and seeds. Each --seeds entry draws its own
+prompts, pairs and training noise. Prints one markdown table (mean ± sd over seeds), writes every
+eval set under --out (manifest.jsonl + PNGs, re-scorable), results.json (re-running skips finished
+seeds), table.md and a plot.
 
     RAY_AUTH_MODE=disabled .venv/bin/python benchmarks/reproduce/ospo_vs_naive.py --model shipped \
-        --out outputs/ospo_vs_naive --steps 60 --n-per-category 30 --seed 0
+        --out outputs/ospo_vs_naive --per-category 16 --steps 60 --n-per-category 30 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Sampler, fmt, load_results, save_results, train_lora  # noqa: E402
+
 from raypref import ospo as O  # noqa: E402
-from raypref import train as T  # noqa: E402
-from raypref.config import merge  # noqa: E402
 from raypref.generators import PipelineGenerator, resolve_checkpoint  # noqa: E402
 from raypref.prefdata import to_table  # noqa: E402
 from raypref.shapes.evaluate import run_eval  # noqa: E402
@@ -50,22 +53,34 @@ def build(cfg: O.OSPOConfig) -> list[dict]:
     return rows
 
 
-def train(rows: list[dict], base: str, out: Path, args, name: str) -> Path:
-    data = out / f"{name}.parquet"
-    pq.write_table(to_table(rows), data)
-    cfg = merge(T.shapes_cpu(), {
-        "model": {"path": base, "lora": True, "lora_rank": 16, "lora_alpha": 16.0},
-        "data": {"path": str(data)},
-        "loss": {"method": "dpo", "sft_weight": args.sft_weight},
-        "optim": {"lr": args.lr, "max_steps": args.steps, "batch_size": 16, "warmup_steps": 5},
-        "run": {"name": f"ospo-vs-naive-{name}-{args.seed}", "storage_path": str(out / "ray"), "num_workers": 1,
-                "cpus_per_worker": 1.0, "checkpoint_every": args.steps, "keep_checkpoints": 1, "export_dir": ""},
-    })
-    result = _job("train_preference").build_trainer(cfg).fit()
-    model = out / f"{name}_model"
-    with result.checkpoint.as_directory() as d:
-        T.write_full_model(d, cfg, str(model))
-    return model
+def train(rows: list[dict], base: str, args, seed: int):
+    """The same LoRA Diffusion-DPO for both arms, in this process (benchmarks/reproduce/common.py)."""
+    adapter, _ = train_lora(rows, base, {"method": "dpo"}, steps=args.steps, lr=args.lr, batch_size=16, seed=seed,
+                            sft_weight=args.sft_weight)
+    return adapter
+
+
+def plot(table: dict, cats: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    names = list(table)
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        vals = [[r["categories"][c] for r in table[name]] for c in cats] + [[r["overall"] for r in table[name]]]
+        ax.bar(np.arange(len(cats) + 1) + k * width, [np.mean(v) for v in vals], width,
+               yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals], capsize=2, label=name)
+    ax.set_xticks(np.arange(len(cats) + 1) + width * (len(names) - 1) / 2, cats + ["overall"], rotation=15)
+    ax.set_ylabel("ShapesEval")
+    ax.set_title("OSPO vs naive pairs (mean ± sd over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ospo_vs_naive.png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> dict:
@@ -77,7 +92,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--sft-weight", type=float, default=500.0)
     ap.add_argument("--n-per-category", type=int, default=30, help="ShapesEval prompts per category")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="each seed draws its own prompts, pairs and training noise")
+    ap.add_argument("--eval-seed", type=int, default=0)
     ap.add_argument("--sample-steps", type=int, default=20)
     args = ap.parse_args(argv)
     import ray
@@ -87,31 +104,47 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     base = str(resolve_checkpoint(args.model))
     t0 = time.time()
-    cfg = O.shapes_cpu()
-    cfg = dataclasses.replace(
-        cfg, prompts=dataclasses.replace(cfg.prompts, per_category=args.per_category, seed=args.seed),
-        generate=dataclasses.replace(cfg.generate, generator=f"checkpoint:{base}", seed=args.seed,
-                                     num_inference_steps=args.sample_steps),
-        run=dataclasses.replace(cfg.run, output=str(out / "ospo.parquet"), use_ray="always"))
-    ospo_rows = build(cfg)
-    naive_rows = build(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, mode="naive")))
-    n = min(len(ospo_rows), len(naive_rows))
-    rng = random.Random(args.seed)
-    ospo_rows, naive_rows = rng.sample(ospo_rows, n), rng.sample(naive_rows, n)
-    models = {"start": Path(base), "naive": train(naive_rows, base, out, args, "naive"),
-              "ospo": train(ospo_rows, base, out, args, "ospo")}
-    table = {}
-    for name, path in models.items():
-        gen = PipelineGenerator(str(path), num_inference_steps=args.sample_steps, guidance_scale=3.0)
-        table[name] = run_eval(gen, args.n_per_category, args.seed, out / f"eval_{name}")
-    cats = list(table["start"]["categories"])
-    lines = [f"pairs per arm: {n}; {args.steps} DPO steps (LoRA, lr {args.lr}, sft_weight {args.sft_weight}); "
-             f"ShapesEval {args.n_per_category} per category, seed {args.seed}; {time.time() - t0:.0f} s",
+    rpath = out / "results.json"
+    table = load_results(rpath)  # re-running skips finished seeds
+    if "start" not in table:
+        gen = PipelineGenerator(base, num_inference_steps=args.sample_steps, guidance_scale=3.0)
+        table["start"] = [run_eval(gen, args.n_per_category, args.eval_seed, out / "eval_start")]
+        save_results(rpath, table)
+    for seed in args.seeds:
+        if any(r.get("seed_train") == seed for r in table.get("ospo", [])):
+            continue
+        cfg = O.shapes_cpu()
+        cfg = dataclasses.replace(
+            cfg, prompts=dataclasses.replace(cfg.prompts, per_category=args.per_category, seed=seed),
+            generate=dataclasses.replace(cfg.generate, generator=f"checkpoint:{base}", seed=seed,
+                                         num_inference_steps=args.sample_steps),
+            run=dataclasses.replace(cfg.run, output=str(out / f"ospo_s{seed}.parquet"), use_ray="always"))
+        ospo_rows = build(cfg)
+        naive_rows = build(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, mode="naive")))
+        n = min(len(ospo_rows), len(naive_rows))
+        rng = random.Random(seed)
+        arms = {"naive": rng.sample(naive_rows, n), "ospo": rng.sample(ospo_rows, n)}
+        for name, rows in arms.items():
+            pq.write_table(to_table(rows), out / f"{name}_s{seed}_pairs.parquet")
+            sampler = Sampler(train(rows, base, args, seed), name, args.sample_steps)
+            score = run_eval(sampler, args.n_per_category, args.eval_seed, out / f"eval_{name}_s{seed}")
+            score.update(seed_train=seed, pairs=n)
+            table.setdefault(name, []).append(score)
+        save_results(rpath, table)
+        print(f"seed {seed}: {n} pairs per arm; naive {table['naive'][-1]['overall']:.3f}, "
+              f"ospo {table['ospo'][-1]['overall']:.3f}", flush=True)
+    cats = list(table["start"][0]["categories"])
+    pairs = [r["pairs"] for r in table["ospo"]]
+    lines = [f"pairs per arm: {pairs} (seeds {[r['seed_train'] for r in table['ospo']]}); {args.steps} DPO steps "
+             f"(LoRA, lr {args.lr}, sft_weight {args.sft_weight}); ShapesEval {args.n_per_category} per category, "
+             f"eval seed {args.eval_seed}; {time.time() - t0:.0f} s",
              "", "| model | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
-    for name, s in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{s['categories'][c]:.3f}" for c in cats) + f" | {s['overall']:.3f} |")
+    for name, runs in table.items():
+        lines.append(f"| {name} | " + " | ".join(fmt([r["categories"][c] for r in runs]) for c in cats)
+                     + f" | {fmt([r['overall'] for r in runs])} |")
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
+    plot(table, cats, out)
     return table
 
 

@@ -9,11 +9,10 @@ open_clip directory. The prompt is not used.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
-import torch
 from PIL import Image
-from torch import nn
 
 from raypref.rewards.clip import load_open_clip
 from raypref.rewards.common import batch_images, check_name, resolve_device, to_pil, with_score
@@ -21,28 +20,41 @@ from raypref.rewards.common import batch_images, check_name, resolve_device, to_
 __all__ = ["AestheticMLP", "LaionAesthetic"]
 
 
-class AestheticMLP(nn.Module):
-    """The improved-aesthetic-predictor head: ``[B, embed_dim] -> [B, 1]``.
+@cache
+def _mlp_class():
+    # Defined on first use so that importing raypref.rewards (every reward actor does) needs no torch.
+    from torch import nn
 
-    Layout kept verbatim (incl. the dropouts, inactive in eval) so released state dicts load as-is.
-    """
+    class AestheticMLP(nn.Module):
+        """The improved-aesthetic-predictor head: ``[B, embed_dim] -> [B, 1]``.
 
-    def __init__(self, input_size: int = 768):
-        super().__init__()
-        self.input_size = input_size
-        self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
+        Layout kept verbatim (incl. the dropouts, inactive in eval) so released state dicts load as-is.
+        """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        def __init__(self, input_size: int = 768):
+            super().__init__()
+            self.input_size = input_size
+            self.layers = nn.Sequential(
+                nn.Linear(input_size, 1024),
+                nn.Dropout(0.2),
+                nn.Linear(1024, 128),
+                nn.Dropout(0.2),
+                nn.Linear(128, 64),
+                nn.Dropout(0.1),
+                nn.Linear(64, 16),
+                nn.Linear(16, 1),
+            )
+
+        def forward(self, x):
+            return self.layers(x)
+
+    return AestheticMLP
+
+
+def __getattr__(name: str):
+    if name == "AestheticMLP":  # ``from raypref.rewards.aesthetic import AestheticMLP`` still works
+        return _mlp_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _load_head_state_dict(path: Path) -> dict:
@@ -51,6 +63,8 @@ def _load_head_state_dict(path: Path) -> dict:
 
         sd = load_file(str(path))
     else:
+        import torch
+
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
@@ -77,6 +91,8 @@ class LaionAesthetic:
             raise FileNotFoundError(f"aesthetic head model_path {str(model_path)!r} is not a file")
         if Path(clip_path).is_dir():
             clip_arch = None  # the directory's open_clip_config.json defines the architecture
+        import torch
+
         self.clip, self.preprocess, _ = load_open_clip(clip_path, clip_arch, device=self.device, precision=precision)
 
         # The head's input width follows the CLIP embedding width (768 for ViT-L/14).
@@ -89,11 +105,13 @@ class LaionAesthetic:
                 f"aesthetic head {str(head_path)!r} expects {sd['layers.0.weight'].shape[1]}-d embeddings "
                 f"but the CLIP model gives {embed_dim}-d"
             )
-        self.head = AestheticMLP(embed_dim)
+        self.head = _mlp_class()(embed_dim)
         self.head.load_state_dict(sd, strict=True)
         self.head.eval().to(self.device)
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
         images = batch_images(batch)
         if not images:
             return with_score(batch, self.name, [])

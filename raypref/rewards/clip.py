@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from raypref.rewards.common import check_name, prompts_and_images, resolve_device, to_pil, with_score
 
 __all__ = ["load_open_clip", "open_clip_cosine", "ClipScore"]
@@ -84,7 +82,7 @@ def load_open_clip(model_path, arch=None, *, device="cpu", precision="fp32"):
     return model, preprocess, tokenizer
 
 
-def open_clip_cosine(model, preprocess, tokenizer, prompts, images, device) -> torch.Tensor:
+def open_clip_cosine(model, preprocess, tokenizer, prompts, images, device) -> "torch.Tensor":
     """Cosine similarity of each (prompt, image) pair, in one batched forward pass.
 
     Args:
@@ -92,6 +90,8 @@ def open_clip_cosine(model, preprocess, tokenizer, prompts, images, device) -> t
     Returns:
         float32 ``[B]`` on CPU.
     """
+    import torch
+
     dtype = next(model.parameters()).dtype
     pixels = torch.stack([preprocess(im) for im in to_pil(images)]).to(device, dtype=dtype)
     tokens = tokenizer(prompts).to(device)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from raypref.rewards.common import check_name, prompts_and_images, resolve_device, to_pil, with_score
 
 __all__ = ["ImageRewardScore"]
@@ -50,6 +48,8 @@ class ImageRewardScore:
         self.model.eval()
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
         prompts, images = prompts_and_images(batch)
         with torch.no_grad():
             scores = [self.model.score(p, im) for p, im in zip(prompts, to_pil(images))]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from raypref.rewards.common import check_name, prompts_and_images, resolve_device, to_pil, with_score
 
 __all__ = ["PickScore"]
@@ -34,9 +32,11 @@ class PickScore:
             ``model_path``.
     """
 
-    def __init__(self, model_path, *, processor_path=None, device="cpu", name="pickscore", dtype=torch.float32):
+    def __init__(self, model_path, *, processor_path=None, device="cpu", name="pickscore", dtype=None):
+        import torch
         from transformers import AutoProcessor, CLIPModel
 
+        dtype = torch.float32 if dtype is None else dtype
         self.name = check_name(name)
         self.device = resolve_device(device)
         model_dir = _check_local_dir(model_path, "PickScore model_path", ("config.json",))
@@ -48,6 +48,8 @@ class PickScore:
         self.max_length = self.model.config.text_config.max_position_embeddings
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
         prompts, images = prompts_and_images(batch)
         if not images:
             return with_score(batch, self.name, [])
