@@ -16,7 +16,8 @@ Design choices (why):
 - Teachers are paid per image, so a prompt's teacher images are bought ONCE, when the prompt enters
   the set. With several teachers the choice among them happens there (``teacher_choice``):
   ``tournament`` renders the prompt with every teacher (one paid call each) and one
-  ``discriminate`` over all their images keeps the judge's pick (none if it picks none);
+  ``discriminate`` over all their images, offered in a per-prompt shuffled order, keeps the
+  judge's pick (none if it picks none);
   ``best`` renders with the teacher of the highest selection rate in the prompt's category so far
   (one call); ``round_robin`` cycles (one call). The stored image is the winner, so a round's
   "base vs best teacher" is one comparison of the base image with the stored image, with no new
@@ -451,13 +452,19 @@ def _render_new(items, teachers: dict, judge, ledger: _Ledger, stats: dict, batc
             out[i] = (im, name, None)
     if tour:
         cand = {n: ledger.render(n, [items[i][0] for i in tour], [items[i][3] for i in tour], batch_size) for n in names}
-        answers = judge.discriminate_batch([items[i][0] for i in tour], [[cand[n][k] for n in names]
-                                                                        for k in range(len(tour))])
-        for k, (i, a) in enumerate(zip(tour, answers)):
+        # Offer the teachers' images in an order shuffled per prompt (seeded by the item's seed): a
+        # judge that breaks ties to the first image would otherwise credit the first teacher with
+        # every tie and bias the selection rates.
+        orders = [[names[j] for j in np.random.default_rng([int(items[i][3]), 7]).permutation(len(names))]
+                  for i in tour]
+        answers = judge.discriminate_batch([items[i][0] for i in tour], [[cand[n][k] for n in order]
+                                                                        for k, order in enumerate(orders)])
+        for k, (i, a, order) in enumerate(zip(tour, answers, orders)):
             a = None if a is None or not 0 <= int(a) < len(names) else int(a)
-            for j, n in enumerate(names):
-                _bump(stats, "selection", n, items[i][1], 1, int(a == j))
-            out[i] = (None, None, None) if a is None else (cand[names[a]][k], names[a], a)
+            winner = None if a is None else order[a]
+            for n in names:
+                _bump(stats, "selection", n, items[i][1], 1, int(n == winner))
+            out[i] = (None, None, None) if winner is None else (cand[winner][k], winner, names.index(winner))
     return out
 
 
