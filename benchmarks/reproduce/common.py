@@ -77,3 +77,29 @@ def save_results(path: Path, results: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1, default=float))
     tmp.replace(path)
+
+
+def add_run_args(ap, *, steps: int, lr: float) -> None:
+    """The options every in-process reproduction shares: training size, evaluation, threads."""
+    ap.add_argument("--model", default="shipped", help="starting checkpoint ('shipped' or a pipeline dir)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--lr", type=float, default=lr)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--n-per-category", type=int, default=20, help="ShapesEval prompts per category")
+    ap.add_argument("--eval-seed", type=int, default=0)
+    ap.add_argument("--sample-steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+
+
+def setup(args) -> tuple[Path, str, Path, dict]:
+    """Threads, the output dir, the starting checkpoint -> (out, base, results.json path, finished runs)."""
+    import torch
+
+    from raypref.generators import resolve_checkpoint
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rpath = out / "results.json"
+    return out, str(resolve_checkpoint(args.model)), rpath, load_results(rpath)

@@ -32,12 +32,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Sampler, fmt, load_results, save_results, train_lora  # noqa: E402
+from common import Sampler, add_run_args, fmt, save_results, setup, train_lora  # noqa: E402
 
 from raypref import director as D  # noqa: E402
 from raypref import train as T  # noqa: E402
 from raypref.config import merge  # noqa: E402
-from raypref.generators import PipelineGenerator, resolve_checkpoint  # noqa: E402
+from raypref.generators import PipelineGenerator  # noqa: E402
 from raypref.shapes.evaluate import run_eval  # noqa: E402
 from raypref.shapes.grammar import CATEGORIES, all_prompts  # noqa: E402
 
@@ -228,33 +228,18 @@ def plot(results: dict, out: Path) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="shipped")
+    add_run_args(ap, steps=60, lr=1e-3)
     ap.add_argument("--out", default="outputs/director_experiments")
     ap.add_argument("--parts", nargs="+", default=["efficiency", "teachers"], choices=["efficiency", "teachers"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--budgets", type=int, nargs="+", default=[48, 96, 192], help="teacher cost")
     ap.add_argument("--judge-errors", type=float, nargs="+", default=[0.1, 0.0, 0.3],
                     help="the first is used at every budget, the others at the largest")
     ap.add_argument("--init-per-category", type=int, default=2)
     ap.add_argument("--max-rounds", type=int, default=12)
     ap.add_argument("--tournament-per-category", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--n-per-category", type=int, default=20)
-    ap.add_argument("--eval-seed", type=int, default=0)
-    ap.add_argument("--sample-steps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    base = str(resolve_checkpoint(args.model))
-    rpath = out / "results.json"
-    results = load_results(rpath)
+    out, base, rpath, results = setup(args)
     t0 = time.time()
     if "start" not in results:
         results["start"] = [run_eval(Sampler(T.load_model(base), "start", args.sample_steps), args.n_per_category,

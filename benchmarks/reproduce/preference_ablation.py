@@ -39,11 +39,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (Sampler, fmt, load_results, save_results, score_eval_dir,  # noqa: E402
-                    train_lora, win_rate)
+from common import (Sampler, add_run_args, fmt, save_results, score_eval_dir,  # noqa: E402
+                    setup, train_lora, win_rate)
 
 from raypref import train as T  # noqa: E402
-from raypref.generators import resolve_checkpoint  # noqa: E402
 from raypref.prefdata import relabel  # noqa: E402
 from raypref.shapes.evaluate import run_eval  # noqa: E402
 
@@ -142,37 +141,22 @@ def plot(results: dict, arms: list[str], out: Path) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="Syn-Pic Parquet (file or dir of chunks)")
-    ap.add_argument("--model", default="shipped", help="starting checkpoint")
+    add_run_args(ap, steps=40, lr=1e-4)
     ap.add_argument("--out", default="outputs/preference_ablation")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--sft-weight", type=float, default=500.0, help="RPO-style winner term of the preference arms")
     ap.add_argument("--single-reward", default="faithfulness")
-    ap.add_argument("--n-per-category", type=int, default=20, help="ShapesEval prompts per category")
-    ap.add_argument("--eval-seed", type=int, default=0)
-    ap.add_argument("--sample-steps", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-
-    import torch
 
     from raypref.rewards import build_reward
 
-    torch.set_num_threads(args.threads)
-    out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    base = str(resolve_checkpoint(args.model))
+    out, base, results_path, results = setup(args)  # re-running skips finished runs
     rows = load_rows(args.data)
     rewards = {}
     for m in WIN_METRICS:
         key, _, path = m.partition(":")
         rewards[m] = build_reward(key, name=key, **({"model_path": path} if path else {}))
     t0 = time.time()
-    results_path = out / "results.json"
-    results = load_results(results_path)  # re-running skips finished runs
     start_dir = out / "eval_start"
     if "start" not in results:
         score = run_eval(Sampler(T.load_model(base), "start", args.sample_steps), args.n_per_category,
