@@ -7,6 +7,9 @@ RankDPO's data recipe (arXiv 2410.18013) on Ray Data. For N prompts:
             -> label task (phi, ranking, consensus pairs, PNG)      pure function of the stored scores
             -> driver: chunk-XXXXX.parquet in prefdata.SCHEMA + the Pick-a-Pic pairwise export
 
+(``run.layout=fused`` replaces the K + n pools by one pool whose actors run every generator and
+reward in turn: the same rows, fewer processes, for a single small machine.)
+
 A row of the stream is one prompt, so "group per prompt" needs no shuffle: generator k writes
 columns ``seed_k, image_k, cost_k`` and reward r writes ``score_<r>_k``. The seed of image k is a hash
 of (prompt id, generator spec, base seed), so a re-run regenerates the same image.
@@ -49,7 +52,7 @@ from raypref.config import check, to_dict
 __all__ = [
     "PromptsSection", "GeneratorsSection", "RewardsSection", "RunSection", "SynPicConfig",
     "shapes_cpu", "tiny_test", "PRESETS", "load_prompts", "derive_seed", "chunk_name",
-    "GenerateStage", "ScoreStage", "label_batch", "build_dataset", "check_resources", "run",
+    "GenerateStage", "ScoreStage", "FusedStage", "label_batch", "build_dataset", "check_resources", "run",
 ]
 
 SKIP_EXAMPLES = 5  # examples kept per skip reason in the summary
@@ -150,6 +153,13 @@ class RunSection:
     max_task_retries: int = -1
     progress: bool = True
     check_resources: bool = True  # refuse pools that cannot all fit the cluster (see check_resources)
+    # "pools": one actor pool per generator and per reward, each sized and placed on its own (a GPU
+    # cluster: a model per GPU, a paid API teacher with its own concurrency). "fused": one pool of
+    # generators.pool_size actors (generators.num_cpus / num_gpus each), every actor running all K
+    # generators then all n rewards on its batch; on one small machine this starts 1 process per
+    # actor instead of K + n, each importing its own copy of torch/diffusers, and hands no batch
+    # between stages.
+    layout: str = "pools"
 
     def __post_init__(self):
         check(bool(self.output_dir), "run.output_dir must not be empty")
@@ -158,6 +168,7 @@ class RunSection:
         check(self.label_num_cpus > 0, f"run.label_num_cpus must be > 0, got {self.label_num_cpus}")
         check(self.max_restarts >= -1 and self.max_task_retries >= -1,
               "run.max_restarts and run.max_task_retries must be >= -1 (-1: Ray Data's default)")
+        check(self.layout in ("pools", "fused"), f"run.layout must be pools|fused, got {self.layout!r}")
 
 
 @dataclass(frozen=True)
@@ -166,6 +177,11 @@ class SynPicConfig:
     generators: GeneratorsSection = field(default_factory=GeneratorsSection)
     rewards: RewardsSection = field(default_factory=RewardsSection)
     run: RunSection = field(default_factory=RunSection)
+
+    def __post_init__(self):
+        check(self.run.layout == "pools" or not self.generators.pool_sizes,
+              "generators.pool_sizes sizes per-generator pools (run.layout=pools); run.layout=fused has one "
+              "pool of generators.pool_size actors")
 
 
 def _check_pool(section, pool_size, num_cpus, num_gpus, batch_size):
@@ -394,6 +410,19 @@ class ScoreStage:
         return out
 
 
+class FusedStage:
+    """run.layout=fused: every generator, then every reward, in one actor. Takes the constructor kwargs
+    of each GenerateStage and ScoreStage, in order; the batch dict comes out as the pools layout's."""
+
+    def __init__(self, generators: list[dict], rewards: list[dict]):
+        self.stages = [GenerateStage(**kw) for kw in generators] + [ScoreStage(**kw) for kw in rewards]
+
+    def __call__(self, batch: dict) -> dict:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
+
+
 EXTRA_FIELDS = [("index", pa.int64()), ("chunk", pa.int64()), ("cost", pa.list_(pa.float64())),
                 ("skip", pa.string())]
 STREAM_SCHEMA = pa.schema(list(prefdata.SCHEMA) + [pa.field(n, t) for n, t in EXTRA_FIELDS])
@@ -438,25 +467,31 @@ def build_dataset(items: list[dict], cfg: SynPicConfig, generator_classes=None, 
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
     retry = {k: v for k, v in (("max_restarts", cfg.run.max_restarts), ("max_task_retries", cfg.run.max_task_retries))
              if v >= 0}
-    for k, spec in enumerate(g.specs):
-        kind = spec.partition(":")[0]
+    gen_kwargs = [{"spec": spec, "slot": k, "options": generator_options(g, spec.partition(":")[0]),
+                   "factory": (generator_classes or {}).get(spec.partition(":")[0])} for k, spec in enumerate(g.specs)]
+    device = "cuda" if (g.num_gpus if cfg.run.layout == "fused" else r.num_gpus) > 0 else "cpu"
+    reward_kwargs = [{"key": key, "model_path": path, "device": device, "n_slots": len(g.specs),
+                      "factory": (reward_classes or {}).get(key)}
+                     for key, _, path in (spec.partition(":") for spec in r.specs)]
+    if cfg.run.layout == "fused":
         ds = ds.map_batches(
-            GenerateStage,
-            fn_constructor_kwargs={"spec": spec, "slot": k, "options": generator_options(g, kind),
-                                   "factory": (generator_classes or {}).get(kind)},
-            compute=ray.data.ActorPoolStrategy(size=g.pool_size_of(k)),
+            FusedStage, fn_constructor_kwargs={"generators": gen_kwargs, "rewards": reward_kwargs},
+            compute=ray.data.ActorPoolStrategy(size=g.pool_size),
             num_cpus=g.num_cpus, num_gpus=g.num_gpus, batch_size=g.batch_size, batch_format="numpy", **retry,
         )
-    device = "cuda" if r.num_gpus > 0 else "cpu"
-    for spec in r.specs:
-        key, _, path = spec.partition(":")
-        ds = ds.map_batches(
-            ScoreStage,
-            fn_constructor_kwargs={"key": key, "model_path": path, "device": device, "n_slots": len(g.specs),
-                                   "factory": (reward_classes or {}).get(key)},
-            compute=ray.data.ActorPoolStrategy(size=r.pool_size),
-            num_cpus=r.num_cpus, num_gpus=r.num_gpus, batch_size=r.batch_size, batch_format="numpy", **retry,
-        )
+    else:
+        for k, kwargs in enumerate(gen_kwargs):
+            ds = ds.map_batches(
+                GenerateStage, fn_constructor_kwargs=kwargs,
+                compute=ray.data.ActorPoolStrategy(size=g.pool_size_of(k)),
+                num_cpus=g.num_cpus, num_gpus=g.num_gpus, batch_size=g.batch_size, batch_format="numpy", **retry,
+            )
+        for kwargs in reward_kwargs:
+            ds = ds.map_batches(
+                ScoreStage, fn_constructor_kwargs=kwargs,
+                compute=ray.data.ActorPoolStrategy(size=r.pool_size),
+                num_cpus=r.num_cpus, num_gpus=r.num_gpus, batch_size=r.batch_size, batch_format="numpy", **retry,
+            )
     return ds.map_batches(
         label_batch, fn_kwargs={"specs": tuple(g.specs), "reward_keys": tuple(r.keys)},
         num_cpus=cfg.run.label_num_cpus, batch_size=r.batch_size, batch_format="numpy",
@@ -471,9 +506,12 @@ def check_resources(cfg: SynPicConfig, cpus: float, gpus: float) -> None:
     own tasks and the stream stalls forever (the 2-CPU deadlock), so this is checked up front.
     """
     g, r = cfg.generators, cfg.rewards
-    gen_actors = sum(g.pool_size_of(k) for k in range(len(g.specs)))
-    need_cpu = gen_actors * g.num_cpus + len(r.specs) * r.pool_size * r.num_cpus + cfg.run.label_num_cpus
-    need_gpu = gen_actors * g.num_gpus + len(r.specs) * r.pool_size * r.num_gpus
+    if cfg.run.layout == "fused":
+        need_cpu, need_gpu = g.pool_size * g.num_cpus + cfg.run.label_num_cpus, g.pool_size * g.num_gpus
+    else:
+        gen_actors = sum(g.pool_size_of(k) for k in range(len(g.specs)))
+        need_cpu = gen_actors * g.num_cpus + len(r.specs) * r.pool_size * r.num_cpus + cfg.run.label_num_cpus
+        need_gpu = gen_actors * g.num_gpus + len(r.specs) * r.pool_size * r.num_gpus
     if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
         raise ValueError(
             f"the actor pools plus a label task need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the cluster has "

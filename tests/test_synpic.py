@@ -239,6 +239,38 @@ def test_killed_generator_actor_and_nan_reward(ray_local, tmp_path):
     assert sorted(logged) == sorted(prompts)  # the retried batch was generated once, after the restart
 
 
+def test_fused_layout_writes_the_pools_rows_and_survives_a_dead_actor(built, tmp_path):
+    """run.layout=fused (one pool whose actors run every generator and reward) writes the same rows as
+    the pools layout, even when its actor dies mid-batch (os._exit once) and Ray Data retries it."""
+    marker, log = tmp_path / "crashed", tmp_path / "calls.log"
+    gens = {"logged": functools.partial(LoggedTeacher, log=str(log), crash_marker=str(marker))}
+    cfg = _cfg(tmp_path / "out", built["specs"], layout="fused", max_restarts=2, max_task_retries=2)
+    s = synpic.run(replace(cfg, generators=replace(cfg.generators, pool_size=2)), generator_classes=gens)
+    assert marker.exists() and s["total"]["rows"] == N_PROMPTS
+    fused = {r["prompt"]: r for r in pq.read_table(str(tmp_path / "out" / "data")).to_pylist()}
+    pools = {r["prompt"]: r for r in pq.read_table(str(built["out"] / "data")).to_pylist()}
+    assert sorted(fused) == sorted(pools)
+    for prompt, row in pools.items():
+        assert fused[prompt]["seeds"] == row["seeds"] and fused[prompt]["ranking"] == row["ranking"]
+        np.testing.assert_allclose(fused[prompt]["scores"], row["scores"], rtol=1e-5)
+        for a, b in zip(fused[prompt]["images"], row["images"]):
+            np.testing.assert_array_equal(prefdata.decode_png(a), prefdata.decode_png(b))
+    assert sorted(p for _, p, _ in _calls(log)) == sorted(p for p in pools for _ in range(2))  # 2 logged teachers
+
+
+def test_fused_layout_config():
+    cfg = synpic.shapes_cpu()
+    fused = replace(cfg, run=replace(cfg.run, layout="fused"),
+                    generators=replace(cfg.generators, pool_size=2, num_cpus=0.5))
+    synpic.check_resources(fused, cpus=2, gpus=0)  # 2 actors x 0.5 + label 0.25 = 1.25 CPUs
+    with pytest.raises(ValueError, match="need 2.75 CPUs"):
+        synpic.check_resources(replace(fused, generators=replace(fused.generators, pool_size=5)), cpus=2, gpus=0)
+    with pytest.raises(ValueError, match="run.layout must be pools|fused"):
+        replace(cfg.run, layout="stacked")
+    with pytest.raises(ValueError, match="run.layout=fused has one pool"):
+        replace(fused, generators=replace(fused.generators, pool_sizes=(1, 1, 1, 1, 2)))
+
+
 DRIVER = """
 import functools, json, sys
 sys.path.insert(0, {tests!r})

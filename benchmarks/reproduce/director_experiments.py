@@ -226,6 +226,39 @@ def plot(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def plot_teachers(results: dict, out: Path) -> None:
+    """Experiment 2: the judge's selection rate per teacher and category, and SFT on its picks vs the best
+    single teacher."""
+    if "tournament" not in results:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(results["start"][0]["categories"])
+    rates = np.array([[np.nanmean([r["selection_rates"].get(t, {}).get(c, np.nan) for r in results["tournament"]])
+                       for c in cats] for t in TEACHERS])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"width_ratios": [3, 2]})
+    im = ax.imshow(rates, cmap="viridis", vmin=0, vmax=max(0.6, float(np.nanmax(rates))))
+    ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(TEACHERS)), TEACHERS)
+    for (i, j), v in np.ndenumerate(rates):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.35 else "k", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    ax.set_title("judge's selection rate (picked / offered)")
+    keys = ("start", "tournament", "best_single")
+    vals = [[r["overall"] for r in results[k]] for k in keys]
+    bx.bar(range(3), [np.mean(v) for v in vals], yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals],
+           capsize=4, color=["0.6", "tab:orange", "tab:blue"])
+    bx.set_xticks(range(3), ["start", "SFT on the\njudge's picks", "SFT on the best\nsingle teacher"], fontsize=8)
+    bx.set_ylabel("ShapesEval overall")
+    bx.set_title("same prompts, mean ± sd over seeds")
+    fig.tight_layout()
+    fig.savefig(out / "teacher_selection.png", dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap, steps=60, lr=1e-3)
@@ -255,6 +288,7 @@ def main(argv=None) -> dict:
     print(md)
     (out / "table.md").write_text(md + "\n")
     plot(results, out)
+    plot_teachers(results, out)
     return results
 
 
