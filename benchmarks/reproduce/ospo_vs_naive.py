@@ -88,6 +88,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="shipped", help="starting checkpoint ('shipped' or a pipeline dir)")
     ap.add_argument("--out", default="outputs/ospo_vs_naive")
     ap.add_argument("--per-category", type=int, default=16, help="OSPO/naive prompts per category")
+    ap.add_argument("--categories", nargs="+", default=list(O.PromptSection.categories),
+                    help="grammar categories of the OSPO and naive prompts (e.g. the targeted: position color_attr)")
+    ap.add_argument("--slots", type=int, default=O.GenerateSection.slots,
+                    help="OSPO seeds per prompt: more slots find a passing chosen image for more hard prompts")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--sft-weight", type=float, default=500.0)
@@ -115,8 +119,9 @@ def main(argv=None) -> dict:
             continue
         cfg = O.shapes_cpu()
         cfg = dataclasses.replace(
-            cfg, prompts=dataclasses.replace(cfg.prompts, per_category=args.per_category, seed=seed),
-            generate=dataclasses.replace(cfg.generate, generator=f"checkpoint:{base}", seed=seed,
+            cfg, prompts=dataclasses.replace(cfg.prompts, per_category=args.per_category, seed=seed,
+                                             categories=tuple(args.categories)),
+            generate=dataclasses.replace(cfg.generate, generator=f"checkpoint:{base}", seed=seed, slots=args.slots,
                                          num_inference_steps=args.sample_steps),
             run=dataclasses.replace(cfg.run, output=str(out / f"ospo_s{seed}.parquet"), use_ray="always"))
         ospo_rows = build(cfg)
