@@ -372,14 +372,18 @@ def selection_rates(stats: dict, kind: str = "selection") -> dict:
             for t, cats in stats.get(kind, {}).items()}
 
 
-def best_teacher(stats: dict, category: str, teachers: list[str]) -> str:
-    """The teacher with the highest Laplace-smoothed selection rate (selected + 1) / (offered + 2) in
-    ``category``; ties (e.g. no data yet) go to the first in ``teachers``."""
-    def rate(t):
-        offered, selected = stats.get("selection", {}).get(t, {}).get(category, [0, 0])
-        return (selected + 1) / (offered + 2)
-
-    return max(teachers, key=lambda t: (rate(t), -teachers.index(t)))
+def best_teacher(stats: dict, category: str, teachers: list[str], fallback: int = 0) -> str:
+    """The teacher most likely to be picked in ``category``: the highest Laplace-smoothed rate
+    (won + 1) / (seen + 2) from tournament selections when any teacher has some in ``category``, else
+    from the rounds' comparisons with the base model (``vs_base``); with no evidence at all,
+    ``teachers[fallback % len(teachers)]`` (the caller rotates it, so mutations spread over the
+    teachers rather than all going to the first). Ties go to the earlier teacher."""
+    for kind in ("selection", "vs_base"):
+        cells = [stats.get(kind, {}).get(t, {}).get(category, [0, 0]) for t in teachers]
+        if any(seen for seen, _ in cells):
+            rates = [(won + 1) / (seen + 2) for seen, won in cells]
+            return teachers[max(range(len(teachers)), key=lambda i: (rates[i], -i))]
+    return teachers[fallback % len(teachers)]
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -590,7 +594,7 @@ def run_round(dataset: DirectorDataset, base_generator, teachers: dict, judge, c
         elif r.teacher_choice == "tournament" and len(names) > 1:
             teacher = None
         elif r.teacher_choice == "best":
-            teacher = best_teacher(stats, category, names)
+            teacher = best_teacher(stats, category, names, fallback=round_idx + rr + len(items))
         else:
             teacher = names[(round_idx + rr + len(items)) % len(names)]
         price = (sum(unit_cost(teachers[t], cfg.judge.default_teacher_cost) for t in names) if teacher is None

@@ -267,7 +267,12 @@ def test_run_resumes_from_latest_version(tmp_path):
 def test_best_teacher_and_selection_rates():
     stats = {"selection": {"a": {"colors": [10, 2]}, "b": {"colors": [10, 8]}}}
     assert D.best_teacher(stats, "colors", ["a", "b"]) == "b"
-    assert D.best_teacher(stats, "counting", ["a", "b"]) == "a"  # no data: the first
+    # no tournament data in counting: the comparisons with the base decide (b beat it 1 of 4, a 3 of 4)
+    stats["vs_base"] = {"a": {"counting": [4, 3], "colors": [9, 9]}, "b": {"counting": [4, 1], "colors": [9, 0]}}
+    assert D.best_teacher(stats, "counting", ["a", "b"]) == "a"
+    assert D.best_teacher(stats, "colors", ["a", "b"]) == "b"  # tournament data first, even against vs_base
+    # no evidence at all: the caller's rotation, so mutations spread over the teachers
+    assert [D.best_teacher(stats, "position", ["a", "b", "c"], fallback=i) for i in range(4)] == ["a", "b", "c", "a"]
     assert D.selection_rates(stats) == {"a": {"colors": 0.2}, "b": {"colors": 0.8}}
 
 
