@@ -589,14 +589,15 @@ def run_round(dataset: DirectorDataset, base_generator, teachers: dict, judge, c
             d["skipped"].append({"prompt": p, "reason": "the judge gave no prompt"})
             continue
         category = d["category"] if origin == "expand" else category_of(p)
+        rotation = round_idx + rr + len(items)
         if origin == "expand":
             teacher = d["teacher"]
         elif r.teacher_choice == "tournament" and len(names) > 1:
             teacher = None
         elif r.teacher_choice == "best":
-            teacher = best_teacher(stats, category, names, fallback=round_idx + rr + len(items))
+            teacher = best_teacher(stats, category, names, fallback=rotation)
         else:
-            teacher = names[(round_idx + rr + len(items)) % len(names)]
+            teacher = names[rotation % len(names)]
         price = (sum(unit_cost(teachers[t], cfg.judge.default_teacher_cost) for t in names) if teacher is None
                  else unit_cost(teachers[teacher], cfg.judge.default_teacher_cost))
         why = ("already in the set" if r.dedup and p in present else
