@@ -265,7 +265,7 @@ def test_fused_layout_config():
     synpic.check_resources(fused, cpus=2, gpus=0)  # 2 actors x 0.5 + label 0.25 = 1.25 CPUs
     with pytest.raises(ValueError, match="need 2.75 CPUs"):
         synpic.check_resources(replace(fused, generators=replace(fused.generators, pool_size=5)), cpus=2, gpus=0)
-    with pytest.raises(ValueError, match="run.layout must be pools|fused"):
+    with pytest.raises(ValueError, match=r"run\.layout must be pools\|fused"):
         replace(cfg.run, layout="stacked")
     with pytest.raises(ValueError, match="run.layout=fused has one pool"):
         replace(fused, generators=replace(fused.generators, pool_sizes=(1, 1, 1, 1, 2)))

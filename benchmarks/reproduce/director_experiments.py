@@ -168,6 +168,12 @@ def teachers_part(args, base: str, out: Path, results: dict, rpath: Path) -> Non
               flush=True)
 
 
+def mean_selection_rates(results: dict, cats: list[str]) -> np.ndarray:
+    """[teacher, category] selection rate of the tournaments, mean over seeds (nan: never offered)."""
+    return np.array([[np.nanmean([r["selection_rates"].get(t, {}).get(c, np.nan) for r in results["tournament"]])
+                      for c in cats] for t in TEACHERS])
+
+
 def report(results: dict, args, out: Path) -> str:
     cats = list(results["start"][0]["categories"])
     lines = ["| training set | teacher cost | teacher calls | set size | " + " | ".join(cats) + " | overall |",
@@ -183,10 +189,8 @@ def report(results: dict, args, out: Path) -> str:
                                                                for c in cats) + f" | {fmt([r['overall'] for r in runs])} |")
     if "tournament" in results:
         lines += ["", "| teacher | " + " | ".join(cats) + " | mean |", "|---" * (len(cats) + 2) + "|"]
-        for t in TEACHERS:
-            vals = [[r["selection_rates"].get(t, {}).get(c, float("nan")) for r in results["tournament"]] for c in cats]
-            lines.append(f"| {t} | " + " | ".join(f"{np.nanmean(v):.2f}" for v in vals)
-                         + f" | {np.nanmean([np.nanmean(v) for v in vals]):.2f} |")
+        for t, rates in zip(TEACHERS, mean_selection_rates(results, cats)):
+            lines.append(f"| {t} | " + " | ".join(f"{v:.2f}" for v in rates) + f" | {np.nanmean(rates):.2f} |")
         lines += ["", "| SFT on | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
         for key in ("start", "tournament", "best_single"):
             runs = results[key]
@@ -237,8 +241,7 @@ def plot_teachers(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     cats = list(results["start"][0]["categories"])
-    rates = np.array([[np.nanmean([r["selection_rates"].get(t, {}).get(c, np.nan) for r in results["tournament"]])
-                       for c in cats] for t in TEACHERS])
+    rates = mean_selection_rates(results, cats)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.5), gridspec_kw={"width_ratios": [3, 2]})
     im = ax.imshow(rates, cmap="viridis", vmin=0, vmax=max(0.6, float(np.nanmax(rates))))
     ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right", fontsize=8)
