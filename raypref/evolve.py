@@ -641,6 +641,7 @@ def stage_eval(cfg: EvolveConfig, ckpt: Path, sdir: Path) -> dict:
         samples.append({"prompt": p, "seed": e.report_seed + i, "image": name})
     atomic_write_json(sdir / "samples.json", samples)
     return {"overall": scores["overall"], "categories": scores["categories"], "n": scores["n"], "seed": e.seed,
+            "shapes": scores["shapes"],
             "mean_rewards": {"faithfulness": sum(faith) / len(faith), "aesthetic": sum(aes) / len(aes)},
             "dir": str(sdir)}
 
@@ -717,7 +718,8 @@ def build_manifest(cfg: EvolveConfig, r: int, parent: Path, ckpt: Path, stats: d
         "judge_calls": int(d.get("judge_calls", 0)),
         "judge_cost": judge_cost,
         "cost_total": float(sum(teacher_cost.values())) + judge_cost,
-        "scores": {"overall": ev.get("overall"), "categories": ev.get("categories", {})},
+        "scores": {"overall": ev.get("overall"), "categories": ev.get("categories", {}),
+                   "shapes": ev.get("shapes", {})},
         "mean_rewards": {"eval": ev.get("mean_rewards", {}), "prefs": prefs.get("mean_rewards", {})},
         "losses": {"sft": sft.get("loss"), "pref": train.get("loss"),
                    "sft_history": sft.get("loss_history", []), "pref_history": train.get("loss_history", []),

@@ -143,6 +143,10 @@ def write_report(run_dir) -> Path:
         md += ["## ShapesEval", "", _table(["round", "overall", *cats, "checkpoint"], [
             [m["round"], m["scores"].get("overall"), *[(m["scores"].get("categories") or {}).get(c) for c in cats],
              f"`{m['checkpoint']}`"] for m in ms]), ""]
+        shapes = sorted({k for m in ms for k in (m["scores"].get("shapes") or {})})
+        if shapes:  # which shapes the model draws at all: a shape it cannot draw fails every category naming it
+            md += ["Shape drawn, of the eval prompts naming it:", "", _table(["round", *shapes], [
+                [m["round"], *[(m["scores"].get("shapes") or {}).get(k) for k in shapes]] for m in ms]), ""]
         md += ["## Data, calls and cost", "", _table(
             ["round", "director set", "sampled", "SFT rows", "pref rows", "pref pairs", "teacher calls",
              "judge calls", "cost"],

@@ -93,9 +93,14 @@ class DataSection:
     # preference set then costs one Ray Data execution instead of one per epoch (seconds each);
     # turn off for shards that do not fit in a worker's memory.
     cache_shard: bool = True
+    # Fraction of rows trained with the empty prompt (diffusers' ``proportion_empty_prompts``). A model
+    # sampled with classifier-free guidance needs it: without it the unconditional branch drifts as the
+    # weights move, and guidance (scale w) amplifies that drift by w - 1.
+    cfg_dropout: float = 0.0
 
     def __post_init__(self):
         check(bool(self.path), "data.path must not be empty")
+        check(0 <= self.cfg_dropout < 1, f"data.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
 
 
 @dataclass(frozen=True)
@@ -617,10 +622,12 @@ def collate(rows: list[dict], state: TrainState) -> dict:
         x0 = pipe.encode_images(np.stack(images)).to(state.device, torch.float32)
         row_t = torch.as_tensor(row_of, device=state.device)
         noise_rows, t_rows = [], []
-        for s in noises:  # one noise and one t per prompt, shared by its images
+        for b, s in enumerate(noises):  # one noise, t and prompt dropout per prompt, shared by its images
             g = torch.Generator().manual_seed(s)
             t_rows.append(schedule.sample_timesteps(1, generator=g))
             noise_rows.append(torch.randn(x0.shape[1:], generator=g))
+            if state.cfg.data.cfg_dropout > 0 and torch.rand((), generator=g) < state.cfg.data.cfg_dropout:
+                prompts[b] = ""
         noise = torch.stack(noise_rows).to(state.device)[row_t]
         t = torch.cat(t_rows).to(state.device)[row_t]
         with _autocast(state):

@@ -110,6 +110,7 @@ def test_two_rounds_end_to_end(tiny_base, tmp_path, ray_local):
         again = rescore_dir(m["datasets"]["eval"])
         assert again["overall"] == pytest.approx(m["scores"]["overall"])
         assert again["categories"] == pytest.approx(m["scores"]["categories"])
+        assert again["shapes"] == pytest.approx(m["scores"]["shapes"])
         assert m["counts"]["eval_images"] == 6 * cfg.eval.n_per_category
         assert set(m["mean_rewards"]["eval"]) == {"faithfulness", "aesthetic"}
     m0, m1, m2 = manifests
@@ -141,6 +142,7 @@ def test_two_rounds_end_to_end(tiny_base, tmp_path, ray_local):
     for name in ("samples_grid.png", "shapes_eval.png", "rewards.png", "losses.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in report
     assert report.count(f"| `{m2['checkpoint']}` |") == 1 and "| 2 | " in report
+    assert "Shape drawn, of the eval prompts naming it:" in report and "| round | circle | square | triangle |" in report
     samples = [json.loads((out / f"round-{r:03d}" / "eval" / "samples.json").read_text()) for r in range(3)]
     assert samples[0] == samples[1] == samples[2]  # same prompts and seeds in every row
     assert [s["prompt"] for s in samples[0]] == list(cfg.eval.report_prompts)

@@ -257,6 +257,18 @@ def test_shapes_eval_aggregates_categories():
         shapes_eval(prompts, ims[:2])
 
 
+def test_shapes_eval_reports_which_shapes_are_drawn():
+    """The per-shape diagnostic: of the prompts naming a shape, the fraction whose image has one."""
+    prompts = ["a square", "a circle and a square", "a triangle left of a square", "two circles"]
+    ims = [draw(("circle", "red", 16, 16, 5)),  # a square drawn round
+           draw(("circle", "red", 8, 16, 4), ("square", "blue", 24, 16, 4)),
+           draw(("triangle", "red", 8, 16, 5), ("circle", "blue", 24, 16, 4)),  # square drawn round
+           draw(("circle", "red", 8, 16, 4))]  # one circle of two: the shape is there, the count is not
+    r = shapes_eval(prompts, ims)
+    assert r["shapes"] == {"circle": 1.0, "square": pytest.approx(1 / 3), "triangle": 1.0}
+    assert r["passed"] == [False, True, False, False]
+
+
 def test_bad_images_are_rejected():
     with pytest.raises(ValueError):
         detect(np.zeros((32, 32), np.uint8))

@@ -181,6 +181,34 @@ def test_noise_shared_per_prompt_and_independent_of_split(rows):
     assert not torch.equal(T.collate(rows, state)["noise"], whole["noise"])  # fresh draw each step
 
 
+def test_cfg_dropout_trains_some_rows_on_the_empty_prompt(rows):
+    """data.cfg_dropout replaces a row's prompt by "" (all its images), drawn from the row's noise
+    stream: about the asked fraction over steps, the same however rows are split, none when 0."""
+    cfg = tiny_cfg("dpo")
+    state = T.build_state(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cfg_dropout=0.5)),
+                          pipe=build_pipeline("tiny", "sd3", seed=0))
+    key = next(iter(state.pipe.encode_prompts([""])))
+    empty = state.pipe.encode_prompts([""])[key][0]
+    prompts = state.pipe.encode_prompts([r["prompt"] for r in rows])[key]
+    dropped = []
+    for step in range(10):
+        state.step = step
+        whole = T.collate(rows, state)
+        halves = [T.collate(rows[:2], state), T.collate(rows[2:], state)]
+        torch.testing.assert_close(torch.cat([h["cond"][key] for h in halves]), whole["cond"][key], rtol=0, atol=0)
+        for b in range(len(rows)):
+            conds = whole["cond"][key][whole["row"] == b]
+            is_empty = [torch.equal(c, empty) for c in conds]
+            assert len(set(is_empty)) == 1  # every image of a prompt sees the same prompt
+            assert is_empty[0] or torch.equal(conds[0], prompts[b])
+            dropped.append(is_empty[0])
+    assert 0.3 <= np.mean(dropped) <= 0.7, np.mean(dropped)
+    plain = T.build_state(cfg, pipe=build_pipeline("tiny", "sd3", seed=0))
+    assert not any(torch.equal(c, empty) for c in T.collate(rows, plain)["cond"][key])
+    with pytest.raises(ValueError, match="cfg_dropout"):
+        dataclasses.replace(cfg.data, cfg_dropout=1.0)
+
+
 @pytest.mark.parametrize("lora", [True, False])
 def test_reference_refresh_copies_policy(lora, rows):
     state = T.build_state(tiny_cfg("balanced", lora, ref_refresh_every=1), pipe=build_pipeline("tiny", "sd3"))

@@ -30,20 +30,22 @@ class Sampler:
 
 
 def train_lora(rows: list[dict], base: str, loss: dict, *, steps: int, lr: float, batch_size: int, seed: int,
-               sft_weight: float = 0.0):
-    """LoRA (rank 16, the driver's targets) trained in this process on preference-layout ``rows``
-    (K = 1 rows for SFT); returns (the adapter with the LoRA folded in, the last step's metrics)."""
-    base_cfg = E._train_cfg("dpo", steps, lr, batch=batch_size)
+               sft_weight: float = 0.0, lora: bool = True, cfg_dropout: float = 0.0):
+    """LoRA (rank 16, the driver's targets; or full fine-tuning with ``lora=False``) trained in this
+    process on preference-layout ``rows`` (K = 1 rows for SFT); returns (the adapter with the LoRA
+    folded in, the last step's metrics)."""
+    base_cfg = E._train_cfg("dpo", steps, lr, batch=batch_size, lora=lora)
     loss = {"sft_weight": sft_weight, **loss}
     cfg = replace(base_cfg, model=replace(base_cfg.model, path=base, lora_seed=seed),
-                  loss=replace(base_cfg.loss, **loss), data=replace(base_cfg.data, seed=seed))
+                  loss=replace(base_cfg.loss, **loss), data=replace(base_cfg.data, seed=seed, cfg_dropout=cfg_dropout))
     state = T.build_state(cfg)
     rng = np.random.default_rng(seed)
     metrics = {}
     for _ in range(steps):
         batch = [rows[i] for i in rng.choice(len(rows), size=batch_size, replace=len(rows) < batch_size)]
         metrics = T.train_step(state, [batch]) or metrics
-    T.fold_lora(state.pipe.denoiser)
+    if lora:
+        T.fold_lora(state.pipe.denoiser)
     state.pipe.denoiser.eval()
     return state.pipe, metrics
 
@@ -55,6 +57,23 @@ def score_eval_dir(eval_dir: Path, rewards: dict) -> dict[str, np.ndarray]:
     images = np.stack([decode_png((Path(eval_dir) / it["image"]).read_bytes()) for it in items])
     return {m: np.asarray(r({"prompt": prompts, "image": images})[f"score_{r.name}"], dtype=np.float64)
             for m, r in rewards.items()}
+
+
+def names(prompt: str, word: str) -> bool:
+    """Whether ``prompt`` names ``word`` (or its plural: counting prompts say "squares")."""
+    return any(w in (word, word + "s") for w in prompt.split())
+
+
+def subset_scores(eval_dir: Path, word: str, naming: bool = False) -> dict[str, float]:
+    """Per-category pass rate of a shapes-eval dir over the prompts that name ``word`` (``naming``) or
+    do not name it."""
+    per: dict[str, list[bool]] = {}
+    for line in (Path(eval_dir) / "manifest.jsonl").read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if names(r["prompt"], word) == naming:
+                per.setdefault(r["category"], []).append(bool(r["passed"]))
+    return {c: sum(v) / len(v) for c, v in per.items()}
 
 
 def win_rate(a: np.ndarray, b: np.ndarray) -> float:

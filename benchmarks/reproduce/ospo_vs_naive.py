@@ -30,12 +30,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Sampler, fmt, load_results, save_results, train_lora  # noqa: E402
+from common import Sampler, fmt, load_results, names, save_results, subset_scores, train_lora  # noqa: E402
 
 from raypref import ospo as O  # noqa: E402
 from raypref.generators import PipelineGenerator, resolve_checkpoint  # noqa: E402
 from raypref.prefdata import to_table  # noqa: E402
 from raypref.shapes.evaluate import run_eval  # noqa: E402
+from raypref.shapes.grammar import parse  # noqa: E402
 
 
 def _job(name: str):
@@ -92,6 +93,9 @@ def main(argv=None) -> dict:
                     help="grammar categories of the OSPO and naive prompts (e.g. the targeted: position color_attr)")
     ap.add_argument("--slots", type=int, default=O.GenerateSection.slots,
                     help="OSPO seeds per prompt: more slots find a passing chosen image for more hard prompts")
+    ap.add_argument("--exclude-word", default="",
+                    help="leave out base prompts naming this word (e.g. 'square', a shape the model cannot draw) "
+                         "and also report ShapesEval on the eval prompts without it")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--sft-weight", type=float, default=500.0)
@@ -118,9 +122,17 @@ def main(argv=None) -> dict:
         if any(r.get("seed_train") == seed for r in table.get("ospo", [])):
             continue
         cfg = O.shapes_cpu()
+        prompts = dataclasses.replace(cfg.prompts, per_category=args.per_category, seed=seed,
+                                      categories=tuple(args.categories))
+        if args.exclude_word:  # the same grammar draw, as a prompt file without the word
+            path = out / f"prompts_s{seed}.txt"
+            kept = [p for c in args.categories for p in O.grammar_prompts([c], 8 * args.per_category, seed)
+                    if not names(p, args.exclude_word)]
+            per_cat = {c: [p for p in kept if parse(p).category == c][:args.per_category] for c in args.categories}
+            path.write_text("\n".join(p for c in args.categories for p in per_cat[c]) + "\n")
+            prompts = dataclasses.replace(prompts, source="file", path=str(path))
         cfg = dataclasses.replace(
-            cfg, prompts=dataclasses.replace(cfg.prompts, per_category=args.per_category, seed=seed,
-                                             categories=tuple(args.categories)),
+            cfg, prompts=prompts,
             generate=dataclasses.replace(cfg.generate, generator=f"checkpoint:{base}", seed=seed, slots=args.slots,
                                          num_inference_steps=args.sample_steps),
             run=dataclasses.replace(cfg.run, output=str(out / f"ospo_s{seed}.parquet"), use_ray="always"))
@@ -147,6 +159,15 @@ def main(argv=None) -> dict:
     for name, runs in table.items():
         lines.append(f"| {name} | " + " | ".join(fmt([r["categories"][c] for r in runs]) for c in cats)
                      + f" | {fmt([r['overall'] for r in runs])} |")
+    if args.exclude_word:
+        lines += ["", f"The same eval images, prompts without {args.exclude_word!r} only:", "",
+                  "| model | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
+        dirs = {"start": [out / "eval_start"], **{name: [out / f"eval_{name}_s{r['seed_train']}" for r in table[name]]
+                                                  for name in ("naive", "ospo") if name in table}}
+        for name, ds in dirs.items():
+            subs = [subset_scores(d, args.exclude_word) for d in ds]
+            lines.append(f"| {name} | " + " | ".join(fmt([sc[c] for sc in subs]) for c in cats)
+                         + f" | {fmt([sum(sc.values()) / len(sc) for sc in subs])} |")
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot(table, cats, out)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from raypref.shapes.grammar import CATEGORIES, COLORS, PALETTE, Scene, parse
+from raypref.shapes.grammar import CATEGORIES, COLORS, PALETTE, SHAPES, Scene, parse
 
 PALETTE_RGB = np.array([PALETTE[c] for c in COLORS], dtype=np.float64)  # [8, 3]
 COLOR_DISTANCE = 60.0
@@ -194,19 +194,27 @@ def passes(prompt: str | Scene, image: np.ndarray) -> bool:
 
 def shapes_eval(prompts: list[str], images) -> dict:
     """ShapesEval over (prompt, image) pairs: {"categories": {cat: score}, "overall": mean of
-    the categories present, "n": count, "passed": [bool per image]}."""
+    the categories present, "n": count, "passed": [bool per image], "shapes": {shape: fraction of
+    the prompts naming that shape whose image has one}} (a diagnostic beside the score: a shape the
+    model cannot draw fails every category that names it)."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-    passed = [passes(p, im) for p, im in zip(prompts, images)]
+    results = [check_results(p, im) for p, im in zip(prompts, images)]
+    passed = [all(ok for _, ok in r) for r in results]
     per_cat: dict[str, list[bool]] = {}
-    for p, ok in zip(prompts, passed):
+    drawn: dict[str, list[bool]] = {}
+    for p, r, ok in zip(prompts, results, passed):
         per_cat.setdefault(parse(p).category, []).append(ok)
+        for q, holds in r:
+            if q.startswith("is there a ") and q[len("is there a "):-1] in SHAPES:
+                drawn.setdefault(q[len("is there a "):-1], []).append(holds)
     cats = {c: float(np.mean(per_cat[c])) for c in CATEGORIES if c in per_cat}
     return {
         "categories": cats,
         "overall": float(np.mean(list(cats.values()))) if cats else float("nan"),
         "n": len(prompts),
         "passed": passed,
+        "shapes": {s: float(np.mean(drawn[s])) for s in SHAPES if s in drawn},
     }
 
 

@@ -2,7 +2,8 @@
 
     DIR/images/NNNNN_<category>.png
     DIR/manifest.jsonl   {"prompt", "category", "image" (relative to DIR), "seed", "passed"} per line
-    DIR/scores.json      {"categories": {name: score}, "overall": score, "n": count, "generator": spec}
+    DIR/scores.json      {"categories": {name: score}, "overall": score, "n": count, "generator": spec,
+                         "shapes": {shape: fraction of the prompts naming it whose image has one}}
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def run_eval(generator, n_per_category: int, seed: int, out_dir: str | Path | No
         images.extend(generator.generate([p for _, p, _ in chunk], [s for _, _, s in chunk]))
     result = shapes_eval([p for _, p, _ in items], images)
     scores = {"categories": result["categories"], "overall": result["overall"], "n": result["n"],
-              "generator": getattr(generator, "name", str(generator)), "seed": seed}
+              "generator": getattr(generator, "name", str(generator)), "seed": seed, "shapes": result["shapes"]}
     if out_dir is not None:
         write_eval_dir(out_dir, items, images, result["passed"], scores)
     return scores
@@ -63,7 +64,8 @@ def rescore_dir(out_dir) -> dict:
     out = Path(out_dir)
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
     result = shapes_eval([r["prompt"] for r in rows], [decode_png((out / r["image"]).read_bytes()) for r in rows])
-    return {"categories": result["categories"], "overall": result["overall"], "n": result["n"]}
+    return {"categories": result["categories"], "overall": result["overall"], "n": result["n"],
+            "shapes": result["shapes"]}
 
 
 def format_table(scores: dict) -> str:
@@ -72,7 +74,11 @@ def format_table(scores: dict) -> str:
     sep = "|" + "---|" * (len(cats) + 2)
     row = "| " + " | ".join([scores.get("generator", ""), *(f"{v:.3f}" for v in cats.values()),
                               f"{scores['overall']:.3f}"]) + " |"
-    return "\n".join([head, sep, row])
+    lines = [head, sep, row]
+    if scores.get("shapes"):  # diagnostic, not part of the score
+        lines.append("\nshape drawn, of the prompts naming it: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in scores["shapes"].items()))
+    return "\n".join(lines)
 
 
 def _atomic_write(path: Path, text: str) -> None:
