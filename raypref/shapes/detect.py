@@ -130,6 +130,9 @@ def relation_holds(a: Detection, b: Detection, relation: str, min_offset: float 
     return along >= min_offset and along > abs(other)
 
 
+PRESENT_QUESTION = "is there a {}?"  # every prompt asks it of each shape it names
+
+
 def checks(scene: Scene) -> list[tuple[str, callable]]:
     """The prompt's constraints as (yes/no question, predicate over detections), DSG-style.
 
@@ -138,7 +141,7 @@ def checks(scene: Scene) -> list[tuple[str, callable]]:
     """
     objs = scene.objects
     present = [
-        (f"is there a {s}?", lambda d, s=s: any(o.shape == s for o in d))
+        (PRESENT_QUESTION.format(s), lambda d, s=s: any(o.shape == s for o in d))
         for s in dict.fromkeys(o.shape for o in objs)
     ]
     if scene.category in ("single_object", "two_object"):
@@ -204,10 +207,11 @@ def shapes_eval(prompts: list[str], images) -> dict:
     per_cat: dict[str, list[bool]] = {}
     drawn: dict[str, list[bool]] = {}
     for p, r, ok in zip(prompts, results, passed):
-        per_cat.setdefault(parse(p).category, []).append(ok)
-        for q, holds in r:
-            if q.startswith("is there a ") and q[len("is there a "):-1] in SHAPES:
-                drawn.setdefault(q[len("is there a "):-1], []).append(holds)
+        scene = parse(p)
+        per_cat.setdefault(scene.category, []).append(ok)
+        answers = dict(r)
+        for shape in dict.fromkeys(o.shape for o in scene.objects):
+            drawn.setdefault(shape, []).append(answers[PRESENT_QUESTION.format(shape)])
     cats = {c: float(np.mean(per_cat[c])) for c in CATEGORIES if c in per_cat}
     return {
         "categories": cats,
