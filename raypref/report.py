@@ -100,6 +100,21 @@ def plot_series(x, series: dict, title: str, ylabel: str, path: Path) -> bool:
     return True
 
 
+def overall_se(categories: dict[str, float], n: int) -> float | None:
+    """Standard error of ShapesEval overall (the mean of the category pass rates, each over
+    ``n / len(categories)`` images, binomial): how far two rounds must differ to mean anything."""
+    if not categories or not n:
+        return None
+    per = n / len(categories)
+    return float(np.sqrt(sum(p * (1 - p) / per for p in categories.values())) / len(categories))
+
+
+def best_round(manifests: list[dict]) -> dict | None:
+    """The manifest with the highest ShapesEval overall (the earliest on ties), or None."""
+    scored = [m for m in manifests if m["scores"].get("overall") is not None]
+    return max(scored, key=lambda m: (m["scores"]["overall"], -m["round"])) if scored else None
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -140,9 +155,15 @@ def write_report(run_dir) -> Path:
           f"{len(ms)} finished round(s); round 0 is the starting checkpoint. Rebuild with "
           f"`python -m raypref.report {run_dir}`.", ""]
     if ms:
-        md += ["## ShapesEval", "", _table(["round", "overall", *cats, "checkpoint"], [
-            [m["round"], m["scores"].get("overall"), *[(m["scores"].get("categories") or {}).get(c) for c in cats],
-             f"`{m['checkpoint']}`"] for m in ms]), ""]
+        md += ["## ShapesEval", "", _table(["round", "overall", "± se", *cats, "checkpoint"], [
+            [m["round"], m["scores"].get("overall"),
+             overall_se(m["scores"].get("categories") or {}, m["counts"].get("eval_images", 0)),
+             *[(m["scores"].get("categories") or {}).get(c) for c in cats], f"`{m['checkpoint']}`"] for m in ms]), ""]
+        best = best_round(ms)
+        if best is not None:  # what to serve; chosen on this eval set, so its score is optimistic
+            md += [f"Best measured round: {best['round']} (ShapesEval {_fmt(best['scores']['overall'])}), "
+                   f"checkpoint `{best['checkpoint']}`. It is chosen on the same eval set, so its score is an "
+                   "optimistic estimate; differences within about two standard errors are noise.", ""]
         shapes = sorted({k for m in ms for k in (m["scores"].get("shapes") or {})})
         if shapes:  # which shapes the model draws at all: a shape it cannot draw fails every category naming it
             md += ["Shape drawn, of the eval prompts naming it:", "", _table(["round", *shapes], [

@@ -6,6 +6,7 @@ one prompt per category, two optimizer steps per training, the judge served by R
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -92,6 +93,21 @@ def test_ospo_prefs_stage(tiny_base, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- end to end
+def test_report_standard_error_and_best_round():
+    from raypref.report import best_round, overall_se
+
+    # two categories of 50 images each: sqrt(0.5 * 0.5 / 50 + 0) / 2
+    assert overall_se({"a": 0.5, "b": 0.0}, 100) == pytest.approx(math.sqrt(0.25 / 50) / 2)
+    # the driver's eval: 6 categories x 50 images near 0.25 -> about 0.025
+    assert overall_se(dict.fromkeys("abcdef", 0.25), 300) == pytest.approx(0.025)
+    assert overall_se({}, 0) is None
+    ms = [{"round": r, "scores": {"overall": v}} for r, v in enumerate((0.3, 0.3, 0.2))]
+    assert best_round(ms)["round"] == 0  # ties go to the earlier round
+    ms[2]["scores"]["overall"] = 0.4
+    assert best_round(ms)["round"] == 2
+    assert best_round([{"round": 0, "scores": {"overall": None}}]) is None and best_round([]) is None
+
+
 @pytest.mark.slow  # minutes: two Ray Train fits and a Syn-Pic build per round
 @pytest.mark.timeout(1500)
 def test_two_rounds_end_to_end(tiny_base, tmp_path, ray_local):
@@ -143,6 +159,8 @@ def test_two_rounds_end_to_end(tiny_base, tmp_path, ray_local):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in report
     assert report.count(f"| `{m2['checkpoint']}` |") == 1 and "| 2 | " in report
     assert "Shape drawn, of the eval prompts naming it:" in report and "| round | circle | square | triangle |" in report
+    best = max(manifests, key=lambda m: (m["scores"]["overall"], -m["round"]))
+    assert f"Best measured round: {best['round']} " in report and f"checkpoint `{best['checkpoint']}`" in report
     samples = [json.loads((out / f"round-{r:03d}" / "eval" / "samples.json").read_text()) for r in range(3)]
     assert samples[0] == samples[1] == samples[2]  # same prompts and seeds in every row
     assert [s["prompt"] for s in samples[0]] == list(cfg.eval.report_prompts)
