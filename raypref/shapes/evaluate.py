@@ -36,8 +36,7 @@ def run_eval(generator, n_per_category: int, seed: int, out_dir: str | Path | No
         chunk = items[i:i + batch_size]
         images.extend(generator.generate([p for _, p, _ in chunk], [s for _, _, s in chunk]))
     result = shapes_eval([p for _, p, _ in items], images)
-    scores = {"categories": result["categories"], "overall": result["overall"], "n": result["n"],
-              "generator": getattr(generator, "name", str(generator)), "seed": seed, "shapes": result["shapes"]}
+    scores = {**_summary(result), "generator": getattr(generator, "name", str(generator)), "seed": seed}
     if out_dir is not None:
         write_eval_dir(out_dir, items, images, result["passed"], scores)
     return scores
@@ -64,8 +63,12 @@ def rescore_dir(out_dir) -> dict:
     out = Path(out_dir)
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
     result = shapes_eval([r["prompt"] for r in rows], [decode_png((out / r["image"]).read_bytes()) for r in rows])
-    return {"categories": result["categories"], "overall": result["overall"], "n": result["n"],
-            "shapes": result["shapes"]}
+    return _summary(result)
+
+
+def _summary(result: dict) -> dict:
+    """The scores.json fields of a ``shapes_eval`` result (everything but the per-image verdicts)."""
+    return {k: result[k] for k in ("categories", "overall", "n", "shapes")}
 
 
 def format_table(scores: dict) -> str:
