@@ -14,11 +14,8 @@ import argparse
 import json
 import os
 import socket
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for serve.judge
 
 
 def _free_port() -> int:
@@ -39,8 +36,8 @@ def make_requests(n: int, seed: int = 0):
 def run_one(backend, backend_kwargs, max_batch_size, reqs, http_url=None, num_cpus=1.0, clients=32):
     from ray import serve
 
-    from raypref.judge import encode_png
-    from serve.judge import build_judge_app
+    from raypref.judges.common import encode_png_b64
+    from raypref.serving.judge import build_judge_app
 
     name = f"judge-bench-b{max_batch_size}"
     app = build_judge_app(backend, backend_kwargs, num_cpus=num_cpus, max_batch_size=max_batch_size,
@@ -56,7 +53,7 @@ def run_one(backend, backend_kwargs, max_batch_size, reqs, http_url=None, num_cp
     if http_url:
         import requests
 
-        bodies = [{"prompt": p, "images": [encode_png(im) for im in ims]} for p, ims in reqs]
+        bodies = [{"prompt": p, "images": [encode_png_b64(im) for im in ims]} for p, ims in reqs]
         url = f"{http_url}/{name}/discriminate"
         with ThreadPoolExecutor(clients) as pool, requests.Session() as s:
             t0 = time.perf_counter()

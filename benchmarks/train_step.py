@@ -38,11 +38,12 @@ def _run(method: str, k: int, lora: bool, args, out: mp.Queue) -> None:
     import torch
 
     from raypref import train as T
-    from raypref.shapes.model import build_pipeline
+    from raypref.models import SD15Adapter
+    from raypref.shapes.model import build_pipeline, model_size
 
     torch.set_num_threads(args.threads)
-    pipe = build_pipeline(args.size, args.family, seed=0)
-    rows = _rows(args.batch_size, k, pipe.resolution)
+    pipe = SD15Adapter(build_pipeline(args.size, seed=0))
+    rows = _rows(args.batch_size, k, model_size(args.size).resolution)
     cfg = T.shapes_cpu()
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, lora=lora),
@@ -73,14 +74,13 @@ def _run(method: str, k: int, lora: bool, args, out: mp.Queue) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small", choices=["tiny", "small"])
-    ap.add_argument("--family", default="sd3", choices=["sd3", "pixart"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per step")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1)
     args = ap.parse_args()
     ctx = mp.get_context("spawn")  # a fresh process per configuration: clean ru_maxrss
-    print(f"shapes {args.size}/{args.family}, batch {args.batch_size} prompts, {args.steps} steps, "
+    print(f"shapes {args.size} (latent UNet, flow), batch {args.batch_size} prompts, {args.steps} steps, "
           f"{args.threads} threads, fp32 CPU")
     print(f"{'method':8} {'K':>2} {'mode':5} {'trainable':>10} {'pairs/s':>9} {'images/s':>9} {'s/step':>7} "
           f"{'peak_rss_delta_MB':>18} {'peak_rss_MB':>12}")

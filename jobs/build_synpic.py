@@ -11,29 +11,9 @@ for them) and finishes the rest. Output: DIR/data/*.parquet (prefdata.SCHEMA), D
 (caption, jpg_0, jpg_1, label_0) and DIR/summary.json.
 """
 
-from __future__ import annotations
-
-import json
-import os
 import sys
 
-from raypref.config import job_parser, load_config
-from raypref.synpic import PRESETS, run
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = job_parser(__doc__, PRESETS)
-    args = parser.parse_args(argv)
-    cfg = load_config(PRESETS[args.preset](), args.config, args.overrides)
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))  # a running cluster if any, else a local one
-    summary = run(cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
-    return summary
-
+from raypref.synpic import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:], __doc__)

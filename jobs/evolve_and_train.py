@@ -15,15 +15,9 @@ finished round (round-NNN/manifest.json) and skips the finished stages of an int
 Writes run.output_dir/report.md after every round.
 """
 
-from __future__ import annotations
-
 import sys
-from pathlib import Path
 
-if __name__ == "__main__":  # run as a script: the repo root (raypref, serve/) must be importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from raypref.evolve import main  # noqa: E402
+from raypref.evolve import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -1,10 +1,11 @@
-"""Pretrain the shapes base model on teacher renders with Ray Train (SFT, flow matching).
+"""Pretrain the shapes base model with Ray Train: the VAE, then the latent UNet (flow matching).
 
     python jobs/pretrain_shapes.py                       # the shipped recipe (preset shapes_cpu)
-    python jobs/pretrain_shapes.py --preset tiny_test run.storage_path=/tmp/runs
+    python jobs/pretrain_shapes.py model.size=tiny data.pool_size=256 run.storage_path=/tmp/runs
     ray job submit --working-dir . -- python jobs/pretrain_shapes.py --config my.yaml optim.lr=3e-4
 
-Re-running with the same run.name and run.storage_path resumes from the latest checkpoint.
+Re-running with the same run.name and run.storage_path resumes from the latest checkpoint of
+each stage (a finished VAE stage is not redone).
 """
 
 from __future__ import annotations
@@ -14,28 +15,13 @@ import os
 import sys
 
 import ray
+
 from raypref.config import job_parser, load_config, to_dict
-from raypref.pretrain import PRESETS, PretrainConfig, pretrain_loop
-from raypref.train import torch_trainer
-
-
-def build_trainer(cfg: PretrainConfig):
-    """A TorchTrainer for ``cfg``; resources come from the config, never hard-coded."""
-    return torch_trainer(pretrain_loop, {"cfg": cfg}, cfg.run)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = job_parser(__doc__, PRESETS)
-    args = parser.parse_args(argv)
-    cfg = load_config(PRESETS[args.preset](), args.config, args.overrides)
-    print(json.dumps(to_dict(cfg), indent=1))
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))  # a running cluster if any, else a local one
-    result = build_trainer(cfg).fit()
-    out = {"metrics": result.metrics, "checkpoint": result.checkpoint.path if result.checkpoint else None}
-    print(json.dumps(out, indent=1, default=str))
-    return out
-
+from raypref.pretrain import PRESETS, pretrain
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = job_parser(__doc__, PRESETS).parse_args(sys.argv[1:])
+    cfg = load_config(PRESETS[args.preset](), args.config, args.overrides)
+    print(json.dumps(to_dict(cfg), indent=1))
+    ray.init(address=os.environ.get("RAY_ADDRESS"))  # a running cluster if any, else a local one
+    print(json.dumps(pretrain(cfg), indent=1, default=str))

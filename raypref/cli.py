@@ -7,15 +7,16 @@
     raypref evolve [--preset P] [--config Y] [section.key=value ...]       curate -> SFT -> prefs -> DPO rounds
     raypref serve  --images [--judge shapes] [--port 8000]                 the images API and/or the judge
 
-synpic, ospo, train and evolve forward their arguments to the jobs (jobs/build_synpic.py,
-jobs/build_ospo.py, jobs/train_preference.py, jobs/evolve_and_train.py): ``raypref train --help``
-is that job's help. With RAY_ADDRESS set they run on that cluster; otherwise on a local Ray.
+synpic, ospo, train and evolve forward their arguments to the jobs' entry points in the package
+(``raypref.synpic.main``, ``raypref.ospo.main``, ``raypref.train.main``, ``raypref.evolve.main``;
+``jobs/*.py`` are the same entry points as scripts): ``raypref train --help`` is that job's help.
+With RAY_ADDRESS set they run on that cluster; otherwise on a local Ray.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 
 
@@ -36,25 +37,19 @@ def _shapes_eval(args) -> int:
     return 0
 
 
-# subcommand -> (job module in jobs/, one-line help); their options are the job's own parser's
+# subcommand -> (module whose main() is the job, one-line help); their options are the job's own parser's
 FORWARD = {
-    "synpic": ("build_synpic", "build (or resume) a Syn-Pic ranked preference dataset with Ray Data"),
-    "ospo": ("build_ospo", "build OSPO preference pairs (or the naive baseline), optionally with rounds"),
-    "train": ("train_preference", "preference-train a model with Ray Train: dpo | rankdpo | balanced | sft"),
-    "evolve": ("evolve_and_train", "self-evolving rounds: director curation, SFT, preferences, DPO, ShapesEval"),
+    "synpic": ("raypref.synpic", "build (or resume) a Syn-Pic ranked preference dataset with Ray Data"),
+    "ospo": ("raypref.ospo", "build OSPO preference pairs (or the naive baseline), optionally with rounds"),
+    "train": ("raypref.train", "preference-train a model with Ray Train: dpo | rankdpo | balanced | sft"),
+    "evolve": ("raypref.evolve", "self-evolving rounds: director curation, SFT, preferences, DPO, ShapesEval"),
 }
 
 
 def _forward(command: str, argv: list[str]) -> int:
-    job, _ = FORWARD[command]
-    if command == "evolve":  # lives in the package: works from an installed raypref too
-        from raypref.evolve import main as job_main
-    else:
-        from raypref.evolve import load_job
-
-        job_main = load_job(job).main
+    module, _ = FORWARD[command]
     sys.argv[0] = f"raypref {command}"  # the job's argparse names itself after argv[0]
-    job_main(argv)
+    importlib.import_module(module).main(argv)
     return 0
 
 
@@ -65,24 +60,18 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
-    from raypref.evolve import REPO_ROOT
-
     if not (args.images or args.judge):
         raise ValueError("nothing to serve: give --images and/or --judge BACKEND")
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
         else:
-            os.environ["PYTHONPATH"] = os.pathsep.join(
-                dict.fromkeys([str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
             ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     apps = []
     if args.images:
-        from serve.images import build_images_app
+        from raypref.serving.images import build_images_app
 
         serve.run(build_images_app(
             args.checkpoint, args.lora, num_cpus=args.num_cpus, num_replicas=1, max_n=args.max_n,
@@ -91,13 +80,12 @@ def _serve(args) -> int:
         apps.append("images")
         print(f"images API: http://{args.host}:{args.port}/v1/images/generations (checkpoint {args.checkpoint})")
     if args.judge:
-        from raypref.director import JudgeSection
-        from raypref.evolve import judge_kwargs
-        from serve.judge import build_judge_app
+        from raypref.judges import JudgeSection
+        from raypref.serving.judge import build_judge_app
 
         section = JudgeSection(backend=args.judge, error_rate=args.judge_error_rate, model=args.judge_model,
                                base_url=args.judge_base_url)
-        serve.run(build_judge_app(args.judge, judge_kwargs(section), num_cpus=args.num_cpus,
+        serve.run(build_judge_app(args.judge, section.kwargs(), num_cpus=args.num_cpus,
                                   autoscaling_config={"min_replicas": 1, "max_replicas": 1}),
                   name="judge", route_prefix="/judge")
         apps.append("judge")

@@ -1,6 +1,6 @@
 """Model adapters: one duck-typed interface over the diffusers pipelines raypref trains.
 
-Every adapter (and ``raypref.shapes.model.ShapesPipeline``) offers:
+Every adapter offers (the shapes base model is a stock ``StableDiffusionPipeline``, driven by ``SD15Adapter``):
 
     from_pretrained(path_or_id, *, device, dtype)   classmethod; local dir or hub id
     pipe                                            the stock diffusers pipeline
@@ -309,13 +309,12 @@ FAMILY_OF_PIPELINE = {
     "PixArtAlphaPipeline": "pixart",
     "PixArtSigmaPipeline": "pixart",
     "StableDiffusion3Pipeline": "sd3",
-    "ShapesPipeline": "shapes",
 }
 
 
 def load_adapter(path_or_id, family: str | None = None, *, device="cpu", dtype=torch.float32, **kwargs):
-    """Load a saved pipeline as its family's adapter. ``family`` (one of ADAPTERS or "shapes") is inferred
-    from model_index.json's ``_class_name`` when None. "shapes" returns the ShapesPipeline itself."""
+    """Load a saved pipeline as its family's adapter. ``family`` (one of ADAPTERS) is inferred from
+    model_index.json's ``_class_name`` when None."""
     if family is None:
         name = pipeline_class_name(path_or_id)
         if name not in FAMILY_OF_PIPELINE:
@@ -324,10 +323,6 @@ def load_adapter(path_or_id, family: str | None = None, *, device="cpu", dtype=t
                 f"known: {', '.join(FAMILY_OF_PIPELINE)}"
             )
         family = FAMILY_OF_PIPELINE[name]
-    if family == "shapes":
-        from raypref.shapes.model import ShapesPipeline
-
-        return ShapesPipeline.from_pretrained(str(path_or_id), dtype=dtype, **kwargs).to(device)
     if family not in ADAPTERS:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join([*ADAPTERS, 'shapes'])}")
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(ADAPTERS)}")
     return ADAPTERS[family].from_pretrained(path_or_id, device=device, dtype=dtype, **kwargs)

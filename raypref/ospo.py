@@ -29,429 +29,31 @@ and stores the dense prompts, and is refused for grammar prompts.
 
 Everything here is a plain function of prompts, images and answers, except the callable
 :class:`VQAScorer` (load a judge in ``__init__``, map a batch dict in ``__call__``) that also runs in
-Ray Data's ``map_batches``. Training is injected into :func:`ospo_rounds`; this module does not
-import ``raypref.train``.
+Ray Data's ``map_batches``. Training is injected into :func:`ospo_rounds`; the job (:func:`main`) injects LoRA DPO from
+``raypref.train``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
-from dataclasses import dataclass, field, replace
+import json
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from raypref.config import check
-from raypref.prefdata import make_row
-from raypref.shapes.grammar import COLORS, NUMBERS, SHAPES, Obj, Scene, parse, sample_prompts
+from raypref.checkpoints import resolve_checkpoint
+from raypref.generators import GENERATORS, build_generator
+from raypref.ospo_config import PRESETS, FilterSection, OSPOConfig
+from raypref.perturbation import Perturbation, dense_pair, densify, initial_prompts, perturbations
+from raypref.prefdata import make_row, to_table
+from raypref.shapes.grammar import parse
 
-# OSPO's compositional categories -> the shapes grammar's categories (None: no counterpart).
-OSPO_CATEGORIES = {
-    "color": ("colors",),
-    "shape": ("single_object", "two_object"),
-    "counting": ("counting",),
-    "spatial": ("position",),
-    "color_attribution": ("color_attr",),
-    "complex": (),  # multi-clause prompts are outside the grammar: skipped in the shapes world
-}
-# Perturbation operations available per shapes category (each changes exactly one binding).
-OPERATIONS = {
-    "single_object": ("replace_shape",),
-    "two_object": ("replace_object", "drop_object"),
-    "counting": ("change_number",),
-    "colors": ("replace_color",),
-    "position": ("reverse_relation", "change_relation"),
-    "color_attr": ("swap_colors", "replace_color", "drop_object"),
-}
-ALL_OPERATIONS = tuple(dict.fromkeys(op for ops in OPERATIONS.values() for op in ops))
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-DENSE_TEMPLATE = "a picture of {prompt} on a dark background"
-DENSIFY_MODES = ("off", "record", "condition")
-NUMBER_WORD = {v: k for k, v in NUMBERS.items()}
 # Filtering reasons, in the order they are checked (the summary counts them).
 REASONS = ("chosen_no_yes", "chosen_low_score", "rejected_passes_all")
-
-
-# ----------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class PromptSection:
-    source: str = "grammar"  # grammar | file | llm
-    path: str = ""  # source=file: one prompt per line
-    categories: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-    per_category: int = 16
-    seed: int = 0
-
-    def __post_init__(self):
-        check(self.source in ("grammar", "file", "llm"),
-              f"prompts.source must be grammar|file|llm, got {self.source!r}")
-        check(self.source != "file" or bool(self.path), "prompts.source=file needs prompts.path")
-        check(self.per_category >= 1, f"prompts.per_category must be >= 1, got {self.per_category}")
-        bad = [c for c in self.categories if c not in OPERATIONS]
-        check(not bad, f"prompts.categories: unknown {bad}; known: {', '.join(OPERATIONS)}")
-
-
-@dataclass(frozen=True)
-class PerturbSection:
-    per_prompt: int = 2  # M perturbed prompts per base prompt
-    operations: tuple[str, ...] = ALL_OPERATIONS  # allowed operations
-    seed: int = 0
-
-    def __post_init__(self):
-        check(self.per_prompt >= 1, f"perturb.per_prompt must be >= 1, got {self.per_prompt}")
-        bad = [o for o in self.operations if o not in ALL_OPERATIONS]
-        check(not bad and len(self.operations) >= 1,
-              f"perturb.operations: unknown {bad or 'none given'}; known: {', '.join(ALL_OPERATIONS)}")
-
-
-@dataclass(frozen=True)
-class DensifySection:
-    mode: str = "off"  # off | record (dense text kept as metadata) | condition (real models only)
-    template: str = DENSE_TEMPLATE
-
-    def __post_init__(self):
-        check(self.mode in DENSIFY_MODES, f"densify.mode must be one of {DENSIFY_MODES}, got {self.mode!r}")
-        check("{prompt}" in self.template, f"densify.template must contain '{{prompt}}', got {self.template!r}")
-
-
-@dataclass(frozen=True)
-class GenerateSection:
-    generator: str = "checkpoint:shipped"  # a raypref.generators spec
-    slots: int = 4  # seeds per prompt; base and perturbed share each seed
-    seed: int = 0
-    num_inference_steps: int = 30  # checkpoint generators only
-    guidance_scale: float = 3.0
-
-    def __post_init__(self):
-        check(":" in self.generator, f"generate.generator must be a spec like teacher:NAME, got {self.generator!r}")
-        check(self.slots >= 1, f"generate.slots must be >= 1, got {self.slots}")
-        check(self.num_inference_steps >= 1,
-              f"generate.num_inference_steps must be >= 1, got {self.num_inference_steps}")
-
-
-@dataclass(frozen=True)
-class JudgeSection:
-    backend: str = "shapes"  # a raypref.judge.JUDGES key
-    error_rate: float = 0.0  # shapes backend
-    seed: int = 0
-    model: str = ""  # openai / transformers backends
-    base_url: str = ""
-
-    def __post_init__(self):
-        check(self.backend in ("shapes", "openai", "transformers"),
-              f"judge.backend must be shapes|openai|transformers, got {self.backend!r}")
-        check(0.0 <= self.error_rate <= 1.0, f"judge.error_rate must be in [0, 1], got {self.error_rate}")
-        check(self.backend == "shapes" or bool(self.model), f"judge.backend={self.backend} needs judge.model")
-
-    def kwargs(self) -> dict:
-        if self.backend == "shapes":
-            return {"error_rate": self.error_rate, "seed": self.seed}
-        if self.backend == "openai":
-            return {"model": self.model, "base_url": self.base_url or None, "seed": self.seed}
-        return {"model_path": self.model, "seed": self.seed}
-
-
-@dataclass(frozen=True)
-class FilterSection:
-    min_chosen_score: float = 0.6  # S = mean(p(yes) - p(no)) of the chosen image
-    yes_threshold: float = 0.5  # p(yes) above this is a "yes"
-
-    def __post_init__(self):
-        check(-1.0 <= self.min_chosen_score <= 1.0,
-              f"filter.min_chosen_score must be in [-1, 1], got {self.min_chosen_score}")
-        check(0.0 <= self.yes_threshold < 1.0, f"filter.yes_threshold must be in [0, 1), got {self.yes_threshold}")
-
-
-@dataclass(frozen=True)
-class RunSection:
-    output: str = "~/raypref_runs/prefs/ospo.parquet"
-    mode: str = "ospo"  # ospo | naive (two random samples per prompt ranked by VQA)
-    use_ray: str = "auto"  # auto (Ray when there are >= ray_min_images images) | always | never
-    ray_min_images: int = 256
-    num_actors: int = 2
-    cpus_per_actor: float = 0.5
-    batch_size: int = 32
-    rounds: int = 1  # self-improvement rounds (the job trains between rounds)
-    round_index: int = 0  # mixed into the seeds, so every round samples fresh images
-
-    def __post_init__(self):
-        check(bool(self.output), "run.output must not be empty")
-        check(self.mode in ("ospo", "naive"), f"run.mode must be ospo|naive, got {self.mode!r}")
-        check(self.use_ray in ("auto", "always", "never"),
-              f"run.use_ray must be auto|always|never, got {self.use_ray!r}")
-        check(self.num_actors >= 1 and self.batch_size >= 1, "run.num_actors and run.batch_size must be >= 1")
-        check(self.cpus_per_actor > 0, f"run.cpus_per_actor must be > 0, got {self.cpus_per_actor}")
-        check(self.rounds >= 1 and self.round_index >= 0, "run.rounds must be >= 1 and run.round_index >= 0")
-
-
-@dataclass(frozen=True)
-class OSPOConfig:
-    prompts: PromptSection = field(default_factory=PromptSection)
-    perturb: PerturbSection = field(default_factory=PerturbSection)
-    densify: DensifySection = field(default_factory=DensifySection)
-    generate: GenerateSection = field(default_factory=GenerateSection)
-    judge: JudgeSection = field(default_factory=JudgeSection)
-    filter: FilterSection = field(default_factory=FilterSection)
-    run: RunSection = field(default_factory=RunSection)
-
-
-def shapes_cpu() -> OSPOConfig:
-    """The shapes recipe on a 2-core CPU: the shipped base model, 16 prompts x 6 categories, M = 2,
-    4 seeds per prompt (288 pairs before filtering), the analytic judge."""
-    return OSPOConfig()
-
-
-def tiny_test() -> OSPOConfig:
-    """Seconds-long builds for tests: a procedural teacher as the model, 2 prompts per category."""
-    return OSPOConfig(
-        prompts=PromptSection(per_category=2),
-        generate=GenerateSection(generator="teacher:vellum", slots=2),
-        run=RunSection(output="/tmp/raypref_ospo_tiny.parquet", use_ray="never", num_actors=2,
-                       cpus_per_actor=0.25, batch_size=8),
-    )
-
-
-PRESETS = {"shapes_cpu": shapes_cpu, "tiny_test": tiny_test}
-
-
-# ----------------------------------------------------------------------------- 1. initial prompts
-
-
-def grammar_prompts(categories, per_category: int, seed: int) -> list[str]:
-    """``per_category`` distinct prompts per shapes category (fewer if the category has fewer)."""
-    out = []
-    for cat in categories:
-        if cat not in OPERATIONS:
-            raise ValueError(f"unknown category {cat!r}; known: {', '.join(OPERATIONS)}")
-        # Oversample with replacement, then keep distinct ones: duplicates would duplicate pairs.
-        picked = list(dict.fromkeys(sample_prompts(cat, 8 * per_category, seed)))[:per_category]
-        out += picked
-    return out
-
-
-def file_prompts(path: str | Path) -> list[str]:
-    """Non-empty, stripped lines of a text file, in order, without duplicates."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"prompt file {str(p)!r} does not exist")
-    return list(dict.fromkeys(x.strip() for x in p.read_text().splitlines() if x.strip()))
-
-
-LLM_PROMPTS_TEMPLATE = (
-    "Write {n} different text-to-image prompts that test {what}. Each prompt names concrete objects "
-    "and their attributes. One prompt per line, nothing else."
-)
-LLM_CATEGORY_TEXT = {
-    "color": "whether the model draws an object in the named colour",
-    "shape": "whether the model draws objects of the named shapes",
-    "counting": "whether the model draws exactly the named number of objects",
-    "spatial": "whether the model places two objects in the named spatial relation",
-    "color_attribution": "whether the model binds each of two colours to the right object",
-    "complex": "several objects with attributes and relations at once",
-}
-LLM_PERTURB_TEMPLATE = (
-    'Rewrite the text-to-image prompt "{prompt}" {m} times. Each rewrite changes exactly ONE object-level '
-    "detail (one attribute of one object, one object, one count or one spatial relation, or swaps one "
-    "attribute between two objects) and keeps everything else word for word. "
-    "One rewrite per line, nothing else."
-)
-LLM_DENSIFY_TEMPLATE = (
-    'Rewrite the two text-to-image prompts A: "{a}" and B: "{b}" into longer, more detailed prompts. '
-    "Add the SAME details (background, style, lighting) to both, and keep the difference between them "
-    "exactly as it is. Answer with two lines, 'A: ...' and 'B: ...', nothing else."
-)
-
-
-def _chat(judge, text: str) -> str:
-    """One text-only turn with a chat judge (the ``openai`` / ``transformers`` backends)."""
-    if judge is None or not hasattr(judge, "_chat"):
-        raise ValueError(
-            f"this step needs a chat judge (raypref.judge backend 'openai' or 'transformers'), "
-            f"got {type(judge).__name__}"
-        )
-    judge.calls = getattr(judge, "calls", 0) + 1
-    reply, _ = judge._chat(text, None, False)
-    return reply
-
-
-def llm_prompts(judge, category: str, n: int) -> list[str]:
-    """Up to ``n`` prompts of an OSPO category written by the judge's LLM."""
-    from raypref.judge import parse_lines
-
-    if category not in LLM_CATEGORY_TEXT:
-        raise ValueError(f"unknown OSPO category {category!r}; known: {', '.join(LLM_CATEGORY_TEXT)}")
-    reply = _chat(judge, LLM_PROMPTS_TEMPLATE.format(n=n, what=LLM_CATEGORY_TEXT[category]))
-    return list(dict.fromkeys(parse_lines(reply)))[:n]
-
-
-def initial_prompts(cfg: PromptSection, judge=None) -> list[str]:
-    """Base prompts from the configured source."""
-    if cfg.source == "grammar":
-        return grammar_prompts(cfg.categories, cfg.per_category, cfg.seed)
-    if cfg.source == "file":
-        return file_prompts(cfg.path)
-    return [p for cat in LLM_CATEGORY_TEXT for p in llm_prompts(judge, cat, cfg.per_category)]
-
-
-# ----------------------------------------------------------------------------- 2. perturbation
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    """One perturbed prompt. ``binding`` names what changed: ``obj{i}.shape``, ``obj{i}.color``,
-    ``obj0.color<->obj1.color`` (a swap), ``obj{i}`` (dropped), ``count`` or ``relation``."""
-
-    base: str
-    perturbed: str
-    operation: str
-    binding: str
-    category: str
-
-
-def scene_prompt(objects, relation: str | None = None, count: int | None = None) -> str:
-    """The grammar prompt of a scene (the inverse of ``parse``); raises ValueError outside the grammar."""
-    np_ = lambda o: f"a {o.color} {o.shape}" if o.color else f"a {o.shape}"  # noqa: E731
-    if count is not None:
-        text = f"{NUMBER_WORD.get(count, count)} {objects[0].shape}s"
-    elif relation is not None:
-        text = f"{np_(objects[0])} {relation} {np_(objects[1])}"
-    else:
-        text = " and ".join(np_(o) for o in objects)
-    parse(text)  # every perturbation must stay inside the grammar
-    return text
-
-
-def candidate_perturbations(prompt: str) -> list[Perturbation]:
-    """Every one-binding perturbation of a grammar prompt, in a fixed order."""
-    sc: Scene = parse(prompt)
-    cat, objs, out = sc.category, list(sc.objects), []
-
-    def add(op, binding, objects, relation=None, count=None):
-        out.append(Perturbation(prompt, scene_prompt(objects, relation, count), op, binding, cat))
-
-    if cat == "single_object":
-        for s in SHAPES:
-            if s != objs[0].shape:
-                add("replace_shape", "obj0.shape", [Obj(s)])
-    elif cat == "counting":
-        for n in NUMBERS.values():
-            if n != len(objs):
-                add("change_number", "count", objs[:1], count=n)
-    elif cat == "colors":
-        for c in COLORS:
-            if c != objs[0].color:
-                add("replace_color", "obj0.color", [Obj(objs[0].shape, c)])
-    elif cat == "position":
-        add("reverse_relation", "relation", objs, OPPOSITE[sc.relation])
-        for r in OPPOSITE:
-            if r not in (sc.relation, OPPOSITE[sc.relation]):
-                add("change_relation", "relation", objs, r)
-    elif cat in ("two_object", "color_attr"):
-        if cat == "two_object":
-            third = next(s for s in SHAPES if s not in (objs[0].shape, objs[1].shape))
-            for i in range(2):
-                new = list(objs)
-                new[i] = Obj(third)
-                add("replace_object", f"obj{i}.shape", new)
-        else:
-            a, b = objs
-            add("swap_colors", "obj0.color<->obj1.color", [Obj(a.shape, b.color), Obj(b.shape, a.color)])
-            for i in range(2):
-                for c in COLORS:
-                    if c not in (a.color, b.color):  # a colour already used would merge the objects' colours
-                        new = list(objs)
-                        new[i] = Obj(objs[i].shape, c)
-                        add("replace_color", f"obj{i}.color", new)
-        for i in range(2):
-            add("drop_object", f"obj{i}", [objs[1 - i]])
-    return out
-
-
-def _rng(*parts) -> random.Random:
-    return random.Random(":".join(map(str, parts)))
-
-
-def perturb(prompt: str, m: int, operations=ALL_OPERATIONS, seed: int = 0) -> list[Perturbation]:
-    """``m`` distinct perturbations of a grammar prompt (fewer if it has fewer), seeded by (seed,
-    prompt). Operations are drawn uniformly first, then a candidate within the operation, so an
-    operation with many candidates (replace_color: 12) does not crowd out one with few (swap: 1)."""
-    if m < 0:
-        raise ValueError(f"m must be >= 0, got {m}")
-    by_op: dict[str, list[Perturbation]] = {}
-    for c in candidate_perturbations(prompt):
-        if c.operation in operations:
-            by_op.setdefault(c.operation, []).append(c)
-    rng, out = _rng("ospo-perturb", seed, prompt), []
-    while len(out) < m and by_op:
-        op = rng.choice(sorted(by_op))
-        out.append(by_op[op].pop(rng.randrange(len(by_op[op]))))
-        if not by_op[op]:
-            del by_op[op]
-    return out
-
-
-def llm_perturb(judge, prompt: str, m: int) -> list[Perturbation]:
-    """Perturbations of a free-text prompt written by the judge's LLM (operation "llm_edit",
-    binding unknown: the LLM is asked for a one-binding edit, which we cannot verify)."""
-    from raypref.judge import parse_lines
-
-    reply = _chat(judge, LLM_PERTURB_TEMPLATE.format(prompt=prompt, m=m))
-    lines = [x for x in dict.fromkeys(parse_lines(reply)) if x != prompt][:m]
-    return [Perturbation(prompt, x, "llm_edit", "unknown", "") for x in lines]
-
-
-def perturbations(prompts, cfg: PerturbSection, judge=None) -> list[Perturbation]:
-    """Grammar prompts through :func:`perturb`; other text through the judge's LLM."""
-    out = []
-    for p in prompts:
-        try:
-            parse(p)
-        except ValueError:
-            out += llm_perturb(judge, p, cfg.per_prompt)
-            continue
-        out += perturb(p, cfg.per_prompt, cfg.operations, cfg.seed)
-    return out
-
-
-# ----------------------------------------------------------------------------- 3. densification
-
-
-def densify(prompt: str, template: str = DENSE_TEMPLATE) -> str:
-    """Template densification: the same added context around any prompt."""
-    return template.format(prompt=prompt)
-
-
-def llm_densify(judge, base: str, perturbed: str) -> tuple[str, str]:
-    """(dense base, dense perturbed) from the judge's LLM; ValueError if the reply is not two lines."""
-    reply = _chat(judge, LLM_DENSIFY_TEMPLATE.format(a=base, b=perturbed))
-    got = {}
-    for line in reply.splitlines():
-        key, _, text = line.strip().partition(":")
-        if key.strip().upper() in ("A", "B") and text.strip():
-            got[key.strip().upper()] = text.strip().strip("\"'")
-    if set(got) != {"A", "B"}:
-        raise ValueError(f"densification reply is not 'A: ...' and 'B: ...': {reply!r}")
-    return got["A"], got["B"]
-
-
-def dense_pair(p: Perturbation, cfg: DensifySection, judge=None) -> tuple[str, str]:
-    """The prompts that condition generation for one perturbation (and head its Parquet row).
-
-    ``off`` / ``record``: the original prompts. ``condition``: dense prompts (LLM for free text,
-    template otherwise) - refused for grammar prompts, which the shapes model cannot read densified.
-    """
-    if cfg.mode != "condition":
-        return p.base, p.perturbed
-    if p.category:
-        raise ValueError(
-            f"densify.mode='condition' would feed {densify(p.base, cfg.template)!r} to a shapes-grammar model "
-            "whose tokenizer and evaluator know only the grammar; use densify.mode='record' or 'off'"
-        )
-    return llm_densify(judge, p.base, p.perturbed) if judge is not None and hasattr(judge, "_chat") else (
-        densify(p.base, cfg.template), densify(p.perturbed, cfg.template))
 
 
 # ----------------------------------------------------------------------------- 4. shared-seed generation
@@ -507,7 +109,7 @@ class VQAScorer:
     "all_yes" ([B] each), from the judge's questions about the question prompt (the BASE prompt)."""
 
     def __init__(self, backend: str = "shapes", yes_threshold: float = 0.5, judge=None, **judge_kwargs):
-        from raypref.judge import build_judge
+        from raypref.judges import build_judge
 
         self.judge = judge if judge is not None else build_judge(backend, **judge_kwargs)
         self.yes_threshold = float(yes_threshold)
@@ -692,3 +294,122 @@ def ospo_rounds(cfg: OSPOConfig, model: str, make_generator: Callable[[str], obj
         history.append({"round": r, "model": model, "rows": len(rows), "summary": summary, "trained": trained})
         model = trained
     return history
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def generator_kwargs(cfg: OSPOConfig, spec: str) -> dict:
+    if spec.startswith("checkpoint:"):
+        return {"num_inference_steps": cfg.generate.num_inference_steps, "guidance_scale": cfg.generate.guidance_scale}
+    return {}
+
+
+def use_ray(cfg: OSPOConfig, n_images: int) -> bool:
+    return cfg.run.use_ray == "always" or (cfg.run.use_ray == "auto" and n_images >= cfg.run.ray_min_images)
+
+
+def ray_results(cfg: OSPOConfig, items: list[dict]) -> dict:
+    """Render and score ``items`` with Ray Data: two actor pools (generator, judge) with fractional
+    CPUs. Returns {(prompt, seed, question_prompt): {"image", "score", "any_yes", "all_yes"}}."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    kind, _, arg = cfg.generate.generator.partition(":")
+    if kind not in GENERATORS or not arg:
+        raise ValueError(f"bad generator spec {cfg.generate.generator!r}")
+    pool = lambda: ActorPoolStrategy(size=cfg.run.num_actors)  # noqa: E731
+    ds = ray.data.from_items(items).map_batches(
+        GENERATORS[kind], fn_constructor_args=(arg,),
+        fn_constructor_kwargs=generator_kwargs(cfg, cfg.generate.generator),
+        compute=pool(), num_cpus=cfg.run.cpus_per_actor, batch_size=cfg.run.batch_size, batch_format="numpy",
+    ).map_batches(
+        VQAScorer, fn_constructor_kwargs={"backend": cfg.judge.backend, "yes_threshold": cfg.filter.yes_threshold,
+                                          **cfg.judge.kwargs()},
+        compute=pool(), num_cpus=cfg.run.cpus_per_actor, batch_size=cfg.run.batch_size, batch_format="numpy",
+    )
+    out = {}
+    for r in ds.take_all():
+        out[(str(r["prompt"]), int(r["seed"]), str(r["question_prompt"]))] = {
+            "image": np.asarray(r["image"], dtype=np.uint8), "score": float(r["score"]),
+            "any_yes": bool(r["any_yes"]), "all_yes": bool(r["all_yes"]),
+        }
+    return out
+
+
+def build_round(cfg: OSPOConfig, spec: str, scorer: VQAScorer):
+    """(rows, records, summary) of one build, with Ray Data or plainly."""
+    _, _, items = plan(cfg, scorer.judge)
+    if use_ray(cfg, len(items)):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"))  # a running cluster if any, else a local one
+        return build_pairs(cfg, None, scorer, results=ray_results(cfg, items))
+    return build_pairs(cfg, build_generator(spec, **generator_kwargs(cfg, spec)), scorer)
+
+
+def write_outputs(path: str | Path, rows: list[dict], records: list[dict], summary: dict) -> dict:
+    """Parquet + records JSONL + summary JSON; returns the summary with the written paths."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(to_table(rows), path)
+    rec_path, sum_path = path.with_suffix(".records.jsonl"), path.with_suffix(".summary.json")
+    rec_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {**summary, "rows": len(rows), "parquet": str(path), "records": str(rec_path)}
+    sum_path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def make_trainer(cfg: OSPOConfig, train_args: list[str]):
+    """``train(rows, model_spec, r) -> next model spec``: LoRA (or full) preference training with
+    ``raypref.train`` (configured by ``train_args``, its command line: --preset / --config / --method /
+    overrides) on round r's rows, folded into a full pipeline that generates round r + 1."""
+    out = Path(cfg.run.output).expanduser()
+
+    def train(rows, model, r):
+        data = out.with_name(f"{out.stem}.round{r}.parquet")
+        pq.write_table(to_table(rows), data)
+        if not model.startswith("checkpoint:"):
+            raise ValueError(f"only checkpoint:... models can be trained, got {model!r}")
+        export = out.parent / f"ospo_round{r}_model"
+        base = str(resolve_checkpoint(model.partition(":")[2]))
+        from raypref import train
+        from raypref.train_state import write_full_model
+
+        cfg = train.parse_config([*train_args, f"data.path={data}", f"model.path={base}",
+                                  f"run.name=ospo-round{r}", "run.export_dir="])
+        result = train.build_trainer(cfg).fit()
+        with result.checkpoint.as_directory() as d:  # LoRA folded in: the next round generates with it
+            write_full_model(d, cfg, str(export))
+        return f"checkpoint:{export}"
+
+    return train
+
+
+def main(argv: list[str] | None = None, description: str | None = None) -> dict:
+    """The OSPO job: build pairs (or the naive baseline) once, or run self-improving rounds."""
+    from raypref.config import job_parser, load_config, to_dict
+
+    parser = job_parser(description or __doc__.split("\n")[0], PRESETS)
+    parser.add_argument("--train-preset", default="shapes_cpu", help="train_preference preset (rounds > 1)")
+    parser.add_argument("--train-method", default="dpo", help="dpo | rankdpo (K = 2) | balanced")
+    parser.add_argument("--train-override", action="append", default=[], help="section.key=value for training")
+    args = parser.parse_args(argv)
+    cfg = load_config(PRESETS[args.preset](), args.config, args.overrides)
+    print(json.dumps(to_dict(cfg), indent=1))
+    scorer = VQAScorer(cfg.judge.backend, cfg.filter.yes_threshold, **cfg.judge.kwargs())
+
+    if cfg.run.rounds == 1:
+        rows, records, summary = build_round(cfg, cfg.generate.generator, scorer)
+        summary = write_outputs(cfg.run.output, rows, records, summary)
+    else:
+        if cfg.run.mode != "ospo":
+            raise ValueError("run.rounds > 1 is OSPO self-improvement; use run.mode=ospo")
+        train = make_trainer(cfg, ["--preset", args.train_preset, "--method", args.train_method, *args.train_override])
+        history = ospo_rounds(cfg, cfg.generate.generator, lambda spec: spec, scorer, train,
+                              build=lambda c, spec, s: build_round(c, spec, s))
+        summary = {"rounds": history, "final_model": history[-1]["trained"]}
+        Path(cfg.run.output).expanduser().with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1, default=str))
+    return summary

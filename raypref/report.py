@@ -13,11 +13,12 @@ it can be rebuilt at any time (``python -m raypref.report RUN_DIR``):
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from raypref.files import atomic_write
 
 PLOTS = ("samples_grid.png", "shapes_eval.png", "rewards.png", "losses.png")
 
@@ -41,9 +42,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
 
 
 def plot_samples(manifests: list[dict], path: Path) -> bool:
@@ -199,11 +198,7 @@ def write_report(run_dir) -> Path:
     for name in PLOTS:
         if made[name]:
             md += [f"### {titles[name]}", "", f"![{titles[name]}]({name})", ""]
-    out = run_dir / "report.md"
-    tmp = run_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(md))
-    os.replace(tmp, out)
-    return out
+    return atomic_write(run_dir / "report.md", "\n".join(md))
 
 
 if __name__ == "__main__":

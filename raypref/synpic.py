@@ -39,7 +39,6 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,303 +46,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raypref import labels, prefdata
-from raypref.config import check, to_dict
-
-__all__ = [
-    "PromptsSection", "GeneratorsSection", "RewardsSection", "RunSection", "SynPicConfig",
-    "shapes_cpu", "tiny_test", "PRESETS", "load_prompts", "derive_seed", "chunk_name",
-    "GenerateStage", "ScoreStage", "FusedStage", "label_batch", "build_dataset", "check_resources", "run",
-]
-
-SKIP_EXAMPLES = 5  # examples kept per skip reason in the summary
-
-
-# ------------------------------------------------------------------------------------------------ config
-@dataclass(frozen=True)
-class PromptsSection:
-    source: str = "shapes"  # "shapes" (the grammar), a .txt file (one prompt a line) or a .parquet file
-    column: str = "prompt"  # Parquet column holding the prompts
-    n_per_category: int = 50  # shapes: distinct prompts per category (capped at the category's size)
-    seed: int = 0  # shapes: which prompts are drawn
-    max_chars: int = 300
-    grammar: str = "auto"  # auto: check the shapes grammar when a shapes generator/reward is used | shapes | none
-    on_bad: str = "skip"  # skip (counted in the summary) | error (ValueError at the first bad prompt)
-
-    def __post_init__(self):
-        check(bool(self.source), "prompts.source must not be empty")
-        check(self.n_per_category >= 1, f"prompts.n_per_category must be >= 1, got {self.n_per_category}")
-        check(self.max_chars >= 1, f"prompts.max_chars must be >= 1, got {self.max_chars}")
-        check(self.grammar in ("auto", "shapes", "none"),
-              f"prompts.grammar must be auto|shapes|none, got {self.grammar!r}")
-        check(self.on_bad in ("skip", "error"), f"prompts.on_bad must be skip|error, got {self.on_bad!r}")
-
-
-@dataclass(frozen=True)
-class GeneratorsSection:
-    specs: tuple[str, ...] = (
-        "teacher:prism", "teacher:quill", "teacher:vellum", "teacher:zephyr", "checkpoint:shipped",
-    )
-    image_size: int = 32  # teachers' render size (checkpoints sample at their own resolution)
-    num_inference_steps: int = 30
-    guidance_scale: float = 3.0
-    seed: int = 0  # mixed into every per-(prompt, generator) seed
-    pool_size: int = 1  # actors per generator
-    # Per-generator actor counts aligned with ``specs`` (empty: ``pool_size`` for each). The model
-    # generators cost ~100x a procedural teacher per image, so only their pools are worth widening.
-    pool_sizes: tuple[int, ...] = ()
-    num_cpus: float = 0.25  # per actor; fractional so actor pools never take every CPU (the 2-CPU deadlock)
-    num_gpus: float = 0.0  # per actor (> 0 puts checkpoints on cuda)
-    batch_size: int = 16
-
-    def __post_init__(self):
-        check(len(self.specs) >= 2, f"generators.specs needs K >= 2 generators to rank, got {list(self.specs)}")
-        check(len(set(self.specs)) == len(self.specs), f"generators.specs has duplicates: {list(self.specs)}")
-        for s in self.specs:
-            kind, _, arg = s.partition(":")
-            check(bool(kind) and bool(arg),
-                  f"generator spec {s!r} must look like KIND:ARG (teacher:NAME, checkpoint:PATH)")
-        check(self.image_size >= 8, f"generators.image_size must be >= 8, got {self.image_size}")
-        check(self.num_inference_steps >= 1,
-              f"generators.num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        _check_pool("generators", self.pool_size, self.num_cpus, self.num_gpus, self.batch_size)
-        check(not self.pool_sizes or len(self.pool_sizes) == len(self.specs),
-              f"generators.pool_sizes needs one entry per spec ({len(self.specs)}), got {list(self.pool_sizes)}")
-        check(all(int(n) >= 1 for n in self.pool_sizes),
-              f"generators.pool_sizes entries must be >= 1, got {list(self.pool_sizes)}")
-
-    def pool_size_of(self, k: int) -> int:
-        """Actors for generator ``specs[k]``."""
-        return int(self.pool_sizes[k]) if self.pool_sizes else self.pool_size
-
-
-@dataclass(frozen=True)
-class RewardsSection:
-    specs: tuple[str, ...] = ("faithfulness", "aesthetic")  # KEY or KEY:MODEL_PATH, KEY in raypref.rewards.REWARDS
-    pool_size: int = 1
-    num_cpus: float = 0.25
-    num_gpus: float = 0.0
-    batch_size: int = 16
-
-    def __post_init__(self):
-        check(len(self.specs) >= 1, "rewards.specs needs at least one reward")
-        keys = [s.partition(":")[0] for s in self.specs]
-        check(len(set(keys)) == len(keys), f"rewards.specs has duplicate keys: {keys}")
-        for k in keys:
-            check(k.isidentifier(), f"reward key {k!r} must be an identifier (it names the column score_<key>)")
-        _check_pool("rewards", self.pool_size, self.num_cpus, self.num_gpus, self.batch_size)
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return tuple(s.partition(":")[0] for s in self.specs)
-
-
-@dataclass(frozen=True)
-class RunSection:
-    output_dir: str = "~/raypref_runs/synpic-shapes"
-    chunk_size: int = 256  # prompts per committed chunk
-    # Chunks per Ray Data execution (0: all pending in one stream). A driver crash loses at most this
-    # many chunks of uncommitted work; more amortises actor start-up and keeps pools busy across chunks.
-    window_chunks: int = 1
-    max_chunks: int = 0  # commit at most this many new chunks, then stop (0: all); staged runs
-    label_num_cpus: float = 0.25
-    # A dead generator/reward actor is restarted, and its batch retried, this often. -1 keeps Ray
-    # Data's own default (restart and retry without limit); Ray 2.60 takes these only through the
-    # deprecated **ray_remote_args, so they are passed only when set.
-    max_restarts: int = -1
-    max_task_retries: int = -1
-    progress: bool = True
-    check_resources: bool = True  # refuse pools that cannot all fit the cluster (see check_resources)
-    # "pools": one actor pool per generator and per reward, each sized and placed on its own (a GPU
-    # cluster: a model per GPU, a paid API teacher with its own concurrency). "fused": one pool of
-    # generators.pool_size actors (generators.num_cpus / num_gpus each), every actor running all K
-    # generators then all n rewards on its batch; on one small machine this starts 1 process per
-    # actor instead of K + n, each importing its own copy of torch/diffusers, and hands no batch
-    # between stages.
-    layout: str = "pools"
-
-    def __post_init__(self):
-        check(bool(self.output_dir), "run.output_dir must not be empty")
-        check(self.chunk_size >= 1, f"run.chunk_size must be >= 1, got {self.chunk_size}")
-        check(self.window_chunks >= 0 and self.max_chunks >= 0, "run.window_chunks and run.max_chunks must be >= 0")
-        check(self.label_num_cpus > 0, f"run.label_num_cpus must be > 0, got {self.label_num_cpus}")
-        check(self.max_restarts >= -1 and self.max_task_retries >= -1,
-              "run.max_restarts and run.max_task_retries must be >= -1 (-1: Ray Data's default)")
-        check(self.layout in ("pools", "fused"), f"run.layout must be pools|fused, got {self.layout!r}")
-
-
-@dataclass(frozen=True)
-class SynPicConfig:
-    prompts: PromptsSection = field(default_factory=PromptsSection)
-    generators: GeneratorsSection = field(default_factory=GeneratorsSection)
-    rewards: RewardsSection = field(default_factory=RewardsSection)
-    run: RunSection = field(default_factory=RunSection)
-
-    def __post_init__(self):
-        check(self.run.layout == "pools" or not self.generators.pool_sizes,
-              "generators.pool_sizes sizes per-generator pools (run.layout=pools); run.layout=fused has one "
-              "pool of generators.pool_size actors")
-
-
-def _check_pool(section, pool_size, num_cpus, num_gpus, batch_size):
-    check(pool_size >= 1, f"{section}.pool_size must be >= 1, got {pool_size}")
-    check(num_cpus > 0, f"{section}.num_cpus must be > 0, got {num_cpus}")
-    check(num_gpus >= 0, f"{section}.num_gpus must be >= 0, got {num_gpus}")
-    check(batch_size >= 1, f"{section}.batch_size must be >= 1, got {batch_size}")
-
-
-def shapes_cpu() -> SynPicConfig:
-    """The shapes Syn-Pic set on a CPU box: 4 paid teachers + the shipped base model, n = 4 rewards that
-    disagree somewhat (detector faithfulness, analytic aesthetic, a VQA judge wrong 10 % of the time,
-    the shipped shapes CLIP). 5 generator + 4 reward actors + the label task fit 2 CPUs."""
-    return SynPicConfig(rewards=RewardsSection(specs=("faithfulness", "aesthetic", "vqa", "clip:shipped"),
-                                               num_cpus=0.125))
-
-
-def tiny_test() -> SynPicConfig:
-    """Seconds-long: 16 x 16 teachers, 2 prompts per category, chunks of 4. Tests set the checkpoint."""
-    return SynPicConfig(
-        prompts=PromptsSection(n_per_category=2),
-        generators=GeneratorsSection(specs=("teacher:prism", "teacher:quill"), image_size=16,
-                                     num_inference_steps=2, batch_size=4),
-        rewards=RewardsSection(batch_size=8),
-        run=RunSection(output_dir="/tmp/synpic-tiny", chunk_size=4, window_chunks=0, progress=False),
-    )
-
-
-PRESETS = {"shapes_cpu": shapes_cpu, "tiny_test": tiny_test}
-
-
-# ----------------------------------------------------------------------------------------------- prompts
-class _Skips:
-    """Counted skips by reason, with a few examples each: nothing is dropped silently."""
-
-    def __init__(self, on_bad: str = "skip"):
-        self.on_bad, self.counts, self.examples = on_bad, defaultdict(int), defaultdict(list)
-
-    def add(self, reason: str, example: str, error: bool = True):
-        if error and self.on_bad == "error":
-            raise ValueError(f"bad prompt ({reason}): {example}")
-        self.counts[reason] += 1
-        if len(self.examples[reason]) < SKIP_EXAMPLES:
-            self.examples[reason].append(example)
-
-    def merge(self, other: dict):
-        for reason, d in other.items():
-            self.counts[reason] += d["count"]
-            self.examples[reason] = (self.examples[reason] + d["examples"])[:SKIP_EXAMPLES]
-
-    def as_dict(self) -> dict:
-        return {r: {"count": c, "examples": self.examples[r]} for r, c in sorted(self.counts.items())}
-
-
-def _raw_prompts(cfg: PromptsSection):
-    """(where, text or None if undecodable, category) from the configured source."""
-    if cfg.source == "shapes":
-        import random
-
-        from raypref.shapes.grammar import CATEGORIES, all_prompts
-
-        # distinct prompts: a row is keyed by its prompt text, so sampling with replacement would only
-        # produce duplicates
-        for c in CATEGORIES:
-            pool = all_prompts(c)
-            for p in random.Random(f"{c}:{cfg.seed}").sample(pool, min(cfg.n_per_category, len(pool))):
-                yield f"shapes:{c}", p, c
-        return
-    path = Path(cfg.source).expanduser()
-    if not path.exists():
-        raise ValueError(f"prompts.source {cfg.source!r}: no such file (expected 'shapes', a .txt or a .parquet)")
-    if path.suffix == ".parquet":
-        table = pq.read_table(path)
-        if cfg.column not in table.column_names:
-            raise ValueError(f"{path}: no column {cfg.column!r}; columns: {table.column_names}")
-        col = table.column(cfg.column)
-        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type)):
-            raise ValueError(f"{path}: column {cfg.column!r} must hold strings, got {col.type}")
-        for i, v in enumerate(col.to_pylist()):
-            if isinstance(v, bytes):
-                try:
-                    v = v.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield f"{path.name} row {i}", None, ""
-                    continue
-            yield f"{path.name} row {i}", "" if v is None else v, ""
-        return
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":  # the newline ending the last line is not an empty prompt
-        lines.pop()
-    for i, line in enumerate(lines, 1):
-        try:
-            yield f"{path.name}:{i}", line.decode("utf-8"), ""
-        except UnicodeDecodeError:
-            yield f"{path.name}:{i}", None, ""
-
-
-def needs_grammar(cfg: SynPicConfig, generator_classes: dict | None = None) -> bool:
-    """Whether prompts must parse in the shapes grammar: a teacher, a shapes checkpoint or the
-    faithfulness reward only understands grammar prompts."""
-    if cfg.prompts.grammar != "auto":
-        return cfg.prompts.grammar == "shapes"
-    if "faithfulness" in cfg.rewards.keys:
-        return True
-    for spec in cfg.generators.specs:
-        kind, _, arg = spec.partition(":")
-        if kind == "teacher" or getattr((generator_classes or {}).get(kind), "shapes", False):
-            return True
-        if kind == "checkpoint":
-            from raypref.generators import resolve_checkpoint
-            from raypref.models import pipeline_class_name
-
-            if pipeline_class_name(resolve_checkpoint(arg)) == "ShapesPipeline":
-                return True
-    return False
-
-
-def load_prompts(cfg: PromptsSection, grammar: bool) -> tuple[list[tuple[str, str]], dict]:
-    """Clean prompts in a deterministic order: ([(prompt, category)], skips by reason).
-
-    Bad prompts (undecodable bytes, empty, longer than ``max_chars``, duplicate, outside the shapes
-    grammar when ``grammar``) are counted skips, or a ValueError with ``on_bad="error"``.
-    Whitespace around a prompt is stripped.
-    """
-    from raypref.shapes.grammar import parse
-
-    skips = _Skips(cfg.on_bad)
-    seen, out = set(), []
-    for where, text, category in _raw_prompts(cfg):
-        if text is None:
-            skips.add("undecodable", f"{where}: not UTF-8")
-            continue
-        text = text.strip()
-        if not text:
-            skips.add("empty", where)
-            continue
-        if len(text) > cfg.max_chars:
-            skips.add("too_long", f"{where}: {len(text)} chars > prompts.max_chars={cfg.max_chars}")
-            continue
-        if text in seen:
-            skips.add("duplicate", f"{where}: {text!r}")
-            continue
-        if grammar:
-            try:
-                category = parse(text).category
-            except (ValueError, TypeError) as e:
-                skips.add("not_in_grammar", f"{where}: {e}")
-                continue
-        seen.add(text)
-        out.append((text, category))
-    return out, skips.as_dict()
-
-
-def derive_seed(pid: str, spec: str, base_seed: int = 0) -> int:
-    """The seed of (prompt id, generator spec): a stable 31-bit hash, the same on every run."""
-    h = hashlib.blake2b(f"{pid}|{spec}|{base_seed}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") & 0x7FFFFFFF
-
-
-def chunk_name(i: int) -> str:
-    return f"chunk-{i:05d}"
+from raypref.config import to_dict
+from raypref.files import atomic_write
+from raypref.prompt_sources import _Skips, chunk_name, derive_seed, load_prompts, needs_grammar
+from raypref.synpic_config import PRESETS, GeneratorsSection, SynPicConfig
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -519,13 +225,6 @@ def check_resources(cfg: SynPicConfig, cpus: float, gpus: float) -> None:
             "(or set run.check_resources=false on an autoscaling cluster)")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename: a reader (or a re-run) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_chunk(out: Path, c: int, table: pa.Table, specs) -> dict:
     """Commit chunk ``c``: Pick-a-Pic export, stats, then the data file (the completion marker)."""
     table = table.sort_by("index")
@@ -545,9 +244,9 @@ def _write_chunk(out: Path, c: int, table: pa.Table, specs) -> dict:
         "skips": labels_skips.as_dict(),
     }
     name = chunk_name(c)
-    _atomic_write(out / "pickapic" / f"{name}.parquet", lambda p: pq.write_table(prefdata.to_pickapic(data), p))
-    _atomic_write(out / "stats" / f"{name}.json", lambda p: p.write_text(json.dumps(stats, indent=1)))
-    _atomic_write(out / "data" / f"{name}.parquet", lambda p: pq.write_table(data, p))
+    atomic_write(out / "pickapic" / f"{name}.parquet", lambda p: pq.write_table(prefdata.to_pickapic(data), p))
+    atomic_write(out / "stats" / f"{name}.json", lambda p: p.write_text(json.dumps(stats, indent=1)))
+    atomic_write(out / "data" / f"{name}.parquet", lambda p: pq.write_table(data, p))
     return stats
 
 
@@ -605,7 +304,7 @@ def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_clas
             raise ValueError(f"{out} holds a Syn-Pic run built from different inputs ({diff}); "
                              "use a new run.output_dir or the same prompts/generators/rewards/chunk_size")
     else:
-        _atomic_write(mpath, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+        atomic_write(mpath, lambda p: p.write_text(json.dumps(manifest, indent=1)))
 
     size = cfg.run.chunk_size
     n_chunks = math.ceil(len(prompts) / size)
@@ -654,7 +353,7 @@ def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_clas
             raise RuntimeError(f"the stream ended with incomplete chunks (rows, expected): {missing}")
 
     summary = _summary(cfg, out, n_chunks, done, written, input_skips, len(prompts), time.time() - t0, gen_time)
-    _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     _log(cfg, f"summary: {out / 'summary.json'}")
     return summary
 
@@ -687,3 +386,20 @@ def _summary(cfg, out: Path, n_chunks, done_before, written, input_skips, n_prom
         "n_chunks": n_chunks, "input_skips": input_skips, "this_run": this_run, "total": total,
         "config": to_dict(cfg),
     }
+
+
+def main(argv: list[str] | None = None, description: str | None = None) -> dict:
+    """The Syn-Pic job: parse the config, join (or start) Ray, build or resume the dataset."""
+    import json
+
+    import ray
+
+    from raypref.config import job_parser, load_config
+
+    args = job_parser(description or __doc__.split("\n")[0], PRESETS).parse_args(argv)
+    cfg = load_config(PRESETS[args.preset](), args.config, args.overrides)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))  # a running cluster if any, else a local one
+    summary = run(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    return summary

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run the evolve driver as a Ray Job on a throw-away single-node cluster, then stop that cluster only.
 #
-#   scripts/ray_job_submit.sh OUTPUT_DIR [section.key=value ...]
-#   PRESET=shapes_cpu scripts/ray_job_submit.sh /tmp/evolve            # default PRESET=tiny_test
+#   scripts/ray_job_submit.sh OUTPUT_DIR [section.key=value ...]       # preset shapes_cpu
+#   CONFIG=/abs/path/evolve.yaml scripts/ray_job_submit.sh /tmp/evolve  # a config file over the preset
 #
 # The head gets its own --temp-dir and free ports, so other Ray clusters on the machine are never
 # touched; it is stopped by killing the processes of that temp dir (never `ray stop`, which stops
@@ -10,7 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/ray_job_submit.sh OUTPUT_DIR [overrides...]}; shift
-PRESET=${PRESET:-tiny_test}
+PRESET=${PRESET:-shapes_cpu}
+CONFIG_ARGS=()
+if [ -n "${CONFIG:-}" ]; then CONFIG_ARGS=(--config "$CONFIG"); fi
 PY=${PYTHON:-$(pwd)/.venv/bin/python}
 RAY="$(dirname "$PY")/ray"
 export RAY_AUTH_MODE=disabled PATH="$(dirname "$PY"):$PATH"
@@ -32,7 +34,7 @@ ADDR="http://127.0.0.1:$DASH"
 set +e
 JOB_ID="raypref-evolve-$$"
 "$RAY" job submit --address "$ADDR" --submission-id "$JOB_ID" --working-dir . -- \
-  python jobs/evolve_and_train.py --preset "$PRESET" run.output_dir="$OUT" "$@"
+  python jobs/evolve_and_train.py --preset "$PRESET" "${CONFIG_ARGS[@]}" run.output_dir="$OUT" "$@"
 set -e
 STATUS=$("$PY" -c "from ray.job_submission import JobSubmissionClient as C; print(C('$ADDR').get_job_status('$JOB_ID').value)" 2>/dev/null || true)
 echo "job status: ${STATUS:-unknown}"

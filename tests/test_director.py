@@ -4,24 +4,25 @@ already does; versioned atomic Parquet; calls and cost counted; seeded; config v
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from raypref import director as D
+from raypref import curation_store, director, director_config, files, spend
+from raypref.generators import build_generator
 from raypref.config import load_config
-from raypref.judge import ShapesJudge
+from raypref.judges import ShapesJudge
 from raypref.prefdata import decode_png
 from raypref.shapes.detect import passes
 from raypref.shapes.grammar import all_prompts, parse
 from raypref.shapes.teachers import SkillProfile, Teacher
+from tests.presets import director_tiny
 
 SIZE = 16
 
 
-def _cfg(tmp_path, **round_kw) -> D.DirectorConfig:
-    cfg = D.tiny_test()
+def _cfg(tmp_path, **round_kw) -> director_config.DirectorConfig:
+    cfg = director_tiny()
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, directory=str(tmp_path / "set")),
         round=dataclasses.replace(cfg.round, **round_kw),
@@ -33,14 +34,14 @@ def _teacher(name, cost=1.0, **errors) -> Teacher:
     return Teacher(name, SkillProfile(dict(errors), cost=cost), size=SIZE)
 
 
-def _set(items, teachers) -> D.DirectorDataset:
+def _set(items, teachers) -> curation_store.DirectorDataset:
     """Round 0 from [(prompt, teacher name)], each rendered by that teacher with seed = position."""
     images = [teachers[t].generate([p], [i])[0] for i, (p, t) in enumerate(items)]
-    rows = D.make_rows([p for p, _ in items], images, [t for _, t in items], list(range(len(items))), 0,
+    rows = curation_store.make_rows([p for p, _ in items], images, [t for _, t in items], list(range(len(items))), 0,
                        ["seed"] * len(items), [""] * len(items))
     for t in teachers.values():  # the initial set is not part of any round's bill
         t.calls, t.cost = 0, 0.0
-    return D.DirectorDataset(D.to_table(rows), 0)
+    return curation_store.DirectorDataset(curation_store.to_table(rows), 0)
 
 
 # ---------------------------------------------------------------------------------------- the must-show
@@ -53,7 +54,7 @@ def test_colour_blind_base_expands_colours_and_deletes_counting(tmp_path):
     judge = ShapesJudge(error_rate=0.0, seed=0)
     cfg = _cfg(tmp_path, sample_fraction=1.0, n_expand=2, p_mutate=0.0, dedup=True)
 
-    new, log = D.run_round(ds, base, teachers, judge, cfg, 1)
+    new, log = director.run_round(ds, base, teachers, judge, cfg, 1)
 
     by_prompt = {d["prompt"]: d for d in log["decisions"]}
     assert set(by_prompt) == set(colours + counting)
@@ -98,7 +99,7 @@ def test_random_weight_base_model_through_a_real_checkpoint(tmp_path):
     ds = _set([(p, "clean") for p in prompts], teachers)
     cfg = _cfg(tmp_path, sample_fraction=1.0, n_expand=1, p_mutate=0.0)
     judge = ShapesJudge(0.0, 0)
-    new, log = D.run_round(ds, base, teachers, judge, cfg, 1)
+    new, log = director.run_round(ds, base, teachers, judge, cfg, 1)
     assert log["summary"]["base_calls"] == 4
     for d, row in zip(log["decisions"], ds.rows()):
         image = base.generate([d["prompt"]], [d["base_seed"]])[0]
@@ -122,7 +123,7 @@ def test_calls_and_cost_are_counted_hand_worked(tmp_path):
     cfg = _cfg(tmp_path, sample_fraction=1.0, n_expand=2, p_mutate=1.0, teacher_choice="tournament", dedup=False)
     cfg = dataclasses.replace(cfg, judge=dataclasses.replace(cfg.judge, call_cost=0.25))
 
-    new, log = D.run_round(ds, base, teachers, judge, cfg, 1)
+    new, log = director.run_round(ds, base, teachers, judge, cfg, 1)
     s = log["summary"]
     # colours: 3 expands x 2 prompts by the sample's teacher: a 4 images (4.0), b 2 images (1.0)
     # counting: 2 delete+mutate, each a tournament over both teachers: a 2 (2.0), b 2 (1.0)
@@ -159,7 +160,7 @@ def test_tournament_ties_are_not_credited_to_the_first_teacher():
     prompts = all_prompts("colors") + all_prompts("single_object") + all_prompts("counting") + all_prompts("two_object")
     items = [(p, "colors", None, 1000 + i) for i, p in enumerate(prompts)]  # stats filed under one category
     stats = {"selection": {}, "vs_base": {}}
-    out = D._render_new(items, teachers, ShapesJudge(0.0, seed=0), D._Ledger(teachers, 1.0), stats, 64)
+    out = director._render_new(items, teachers, ShapesJudge(0.0, seed=0), spend.TeacherLedger(teachers, 1.0), stats, 64)
     picked = [who for _, who, _ in out]
     assert None not in picked
     shares = {n: picked.count(n) / len(picked) for n in teachers}
@@ -171,7 +172,7 @@ def test_budget_caps_the_rounds_teacher_cost(tmp_path):
     teachers = {"a": _teacher("a", cost=1.0)}
     ds = _set([(p, "a") for p in all_prompts("colors")[:4]], teachers)
     cfg = _cfg(tmp_path, sample_fraction=1.0, n_expand=2, p_mutate=0.0, budget=3.0, dedup=False)
-    new, log = D.run_round(ds, _teacher("base", colors=1.0), teachers, ShapesJudge(0.0, 0), cfg, 1)
+    new, log = director.run_round(ds, _teacher("base", colors=1.0), teachers, ShapesJudge(0.0, 0), cfg, 1)
     assert teachers["a"].calls == 3 and log["summary"]["teacher_cost"] == {"a": 3.0}
     skipped = [x for d in log["decisions"] for x in d["skipped"]]
     assert len(skipped) == 8 - 3 and all("budget" in x["reason"] for x in skipped)
@@ -188,7 +189,7 @@ def test_mutate_probability(tmp_path, p_mutate):
     base = _teacher("base")  # never wrong: every sample is deleted
     judge = ShapesJudge(0.0, 0)
     cfg = _cfg(tmp_path, sample_fraction=1.0, p_mutate=p_mutate, dedup=False)
-    new, log = D.run_round(ds, base, teachers, judge, cfg, 1)
+    new, log = director.run_round(ds, base, teachers, judge, cfg, 1)
     decisions = [d["decision"] for d in log["decisions"]]
     if p_mutate == 0.0:
         assert decisions == ["delete"] * 4 and len(new) == 0 and judge.calls == 4 and teachers["clean"].calls == 0
@@ -204,10 +205,10 @@ def test_mutate_probability(tmp_path, p_mutate):
 def _one_round(tmp_path, seed):
     cfg = _cfg(tmp_path)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
-    teachers = D.build_teachers(cfg)
-    judge = D.build_judge(cfg)
-    ds = D.build_initial_set(cfg, teachers, judge)
-    return ds, D.run_round(ds, D.build_base(cfg), teachers, judge, cfg, 1)
+    teachers = director.build_teachers(cfg)
+    judge = cfg.judge.build()
+    ds = director.build_initial_set(cfg, teachers, judge)
+    return ds, director.run_round(ds, build_generator(cfg.models.base, size=cfg.data.image_size), teachers, judge, cfg, 1)
 
 
 def test_same_seed_same_round_other_seed_other_sample(tmp_path):
@@ -224,41 +225,50 @@ def test_same_seed_same_round_other_seed_other_sample(tmp_path):
 def test_versions_are_atomic_and_survive_a_crash(tmp_path, monkeypatch):
     d = tmp_path / "set"
     cfg = _cfg(tmp_path, sample_fraction=1.0)
-    teachers = D.build_teachers(cfg)
+    teachers = director.build_teachers(cfg)
     judge = ShapesJudge(0.0, 0)
-    ds0 = D.build_initial_set(cfg, teachers, judge)
-    D.save(d, ds0)
-    new, log = D.run_round(ds0, _teacher("base", colors=1.0), teachers, judge, cfg, 1)
+    ds0 = director.build_initial_set(cfg, teachers, judge)
+    curation_store.save(d, ds0)
+    new, log = director.run_round(ds0, _teacher("base", colors=1.0), teachers, judge, cfg, 1)
     assert not new.table.equals(ds0.table)
 
     def crash(src, dst):  # the process dies after writing the temp file, before the rename
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(D.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        D.save(d, new)
+        curation_store.save(d, new)
     monkeypatch.undo()
-    assert (d / ".round-0001.parquet.tmp").exists()  # the half-done write is there, under a temp name
-    assert D.versions(d) == [0]
-    back = D.load_latest(d)
+    assert list(d.glob(".round-0001.tmp*.parquet"))  # the half-done write is there, under a temp name
+    assert curation_store.versions(d) == [0]
+    back = curation_store.load(d)
     assert back.round == 0 and back.table.equals(ds0.table)
 
-    path = D.write_round(d, new, log)
-    assert path.name == "round-0001.parquet" and D.versions(d) == [0, 1]
-    back = D.load_latest(d)
+    path = curation_store.write_round(d, new, log)
+    assert path.name == "round-0001.parquet" and curation_store.versions(d) == [0, 1]
+    back = curation_store.load(d)
     assert back.round == 1 and back.table.equals(new.table) and back.stats == new.stats
-    assert D.load(d, 0).table.equals(ds0.table)
+    assert curation_store.load(d, 0).table.equals(ds0.table)
     lines = (d / "logs" / "round-0001.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == json.loads(json.dumps(log["decisions"]))
-    assert not [p for p in os.listdir(d) if p.endswith(".tmp") and "0001" in p]
+    assert not [p for p in os.listdir(d) if ".tmp" in p and "0001" in p]
 
 
-def test_run_resumes_from_latest_version(tmp_path):
+def test_curate_resumes_from_the_committed_versions(tmp_path):
+    """The driver's call: round 1 builds and pays for the initial set, a committed round is loaded
+    without new calls (and without asking for a judge), round 2 runs only round 2."""
     cfg = _cfg(tmp_path)
-    D.run(dataclasses.replace(cfg, round=dataclasses.replace(cfg.round, rounds=1)))
-    assert D.versions(cfg.data.directory) == [0, 1]
-    ds = D.run(cfg)  # rounds=2: only round 2 runs
-    assert D.versions(cfg.data.directory) == [0, 1, 2] and ds.round == 2
+    teachers = director.build_teachers(cfg)
+    base = build_generator(cfg.models.base, size=cfg.data.image_size)
+    judge = cfg.judge.build()
+    first = director.curate(cfg, 1, base, teachers, lambda: judge)
+    assert curation_store.versions(cfg.data.directory) == [0, 1]
+    assert first.spent["teacher_calls"] > 0 and first.spent["judge_calls"] == judge.calls
+    again = director.curate(cfg, 1, base, teachers, lambda: pytest.fail("a committed round asked for a judge"))
+    assert again.spent == {"teacher_calls": 0, "teacher_cost": 0.0, "judge_calls": 0}
+    assert again.dataset.table.equals(first.dataset.table) and again.initial == first.initial
+    ds = director.curate(cfg, 2, base, teachers, lambda: judge).dataset  # only round 2 runs
+    assert curation_store.versions(cfg.data.directory) == [0, 1, 2] and ds.round == 2
     summaries = sorted(os.listdir(os.path.join(cfg.data.directory, "logs")))
     assert summaries == ["round-0001.jsonl", "round-0001.summary.json", "round-0002.jsonl", "round-0002.summary.json"]
 
@@ -266,14 +276,14 @@ def test_run_resumes_from_latest_version(tmp_path):
 # ---------------------------------------------------------------------------------------- stats, sft, config
 def test_best_teacher_and_selection_rates():
     stats = {"selection": {"a": {"colors": [10, 2]}, "b": {"colors": [10, 8]}}}
-    assert D.best_teacher(stats, "colors", ["a", "b"]) == "b"
+    assert director.best_teacher(stats, "colors", ["a", "b"]) == "b"
     # no tournament data in counting: the comparisons with the base decide (b beat it 1 of 4, a 3 of 4)
     stats["vs_base"] = {"a": {"counting": [4, 3], "colors": [9, 9]}, "b": {"counting": [4, 1], "colors": [9, 0]}}
-    assert D.best_teacher(stats, "counting", ["a", "b"]) == "a"
-    assert D.best_teacher(stats, "colors", ["a", "b"]) == "b"  # tournament data first, even against vs_base
+    assert director.best_teacher(stats, "counting", ["a", "b"]) == "a"
+    assert director.best_teacher(stats, "colors", ["a", "b"]) == "b"  # tournament data first, even against vs_base
     # no evidence at all: the caller's rotation, so mutations spread over the teachers
-    assert [D.best_teacher(stats, "position", ["a", "b", "c"], fallback=i) for i in range(4)] == ["a", "b", "c", "a"]
-    assert D.selection_rates(stats) == {"a": {"colors": 0.2}, "b": {"colors": 0.8}}
+    assert [director.best_teacher(stats, "position", ["a", "b", "c"], fallback=i) for i in range(4)] == ["a", "b", "c", "a"]
+    assert director.selection_rates(stats) == {"a": {"colors": 0.2}, "b": {"colors": 0.8}}
 
 
 def test_sft_table_is_what_train_sft_reads(tmp_path):
@@ -282,14 +292,14 @@ def test_sft_table_is_what_train_sft_reads(tmp_path):
     teachers = {"clean": _teacher("clean")}
     prompts = all_prompts("colors")[:3]
     ds = _set([(p, "clean") for p in prompts], teachers)
-    table = D.to_sft_table(ds)
+    table = curation_store.to_sft_table(ds)
     assert set(COLUMNS) <= set(table.column_names) and table.num_rows == 3
     for row, src in zip(table.to_pylist(), ds.rows()):
         assert select(row, LossSection(method="sft")) == ([0], [])
         assert select(row, LossSection(method="sft", sft_target="generator", sft_generator="teacher:clean")) == ([0], [])
         assert row["prompt"] == src["prompt"] and row["images"][0] == src["image"]
         assert passes(parse(row["prompt"]), decode_png(row["images"][0]))
-    path = D.write_sft(tmp_path / "sft.parquet", ds)
+    path = curation_store.write_sft(tmp_path / "sft.parquet", ds)
     import pyarrow.parquet as pq
 
     assert pq.read_table(path).equals(table)
@@ -302,23 +312,22 @@ def test_sft_table_is_what_train_sft_reads(tmp_path):
 ])
 def test_bad_config_is_an_error(override):
     with pytest.raises(ValueError):
-        load_config(D.tiny_test(), overrides=[override])
+        load_config(director_tiny(), overrides=[override])
 
 
 def test_presets_and_bad_round_arguments(tmp_path):
-    for preset in D.PRESETS.values():
-        assert isinstance(preset(), D.DirectorConfig)
+    assert isinstance(director_config.shapes_cpu(), director_config.DirectorConfig)
     cfg = _cfg(tmp_path)
     teachers = {"clean": _teacher("clean")}
     ds = _set([("a circle", "clean")], teachers)
     with pytest.raises(ValueError, match="round_idx"):
-        D.run_round(ds, _teacher("base"), teachers, ShapesJudge(), cfg, 0)
+        director.run_round(ds, _teacher("base"), teachers, ShapesJudge(), cfg, 0)
     with pytest.raises(ValueError, match="not in teachers"):
-        D.run_round(ds, _teacher("base"), {"other": _teacher("other")}, ShapesJudge(), cfg, 1)
+        director.run_round(ds, _teacher("base"), {"other": _teacher("other")}, ShapesJudge(), cfg, 1)
     with pytest.raises(ValueError, match="differ in shape"):
-        D.run_round(ds, Teacher("base", SkillProfile({}), size=32), teachers, ShapesJudge(), cfg, 1)
+        director.run_round(ds, Teacher("base", SkillProfile({}), size=32), teachers, ShapesJudge(), cfg, 1)
     with pytest.raises(ValueError, match="origin"):
-        D.make_rows(["a circle"], [np.zeros((SIZE, SIZE, 3), np.uint8)], ["clean"], [0], 0, ["copy"], [""])
+        curation_store.make_rows(["a circle"], [np.zeros((SIZE, SIZE, 3), np.uint8)], ["clean"], [0], 0, ["copy"], [""])
 
 
 # ---------------------------------------------------------------------------------------- over Ray Serve
@@ -326,35 +335,22 @@ def test_round_through_a_serve_handle_matches_a_local_judge(tmp_path, ray_local)
     """The same round with the judge behind a DeploymentHandle (serve/judge.py) gives the same decisions."""
     from ray import serve
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from serve.judge import build_judge_app
+    from raypref.serving.judge import build_judge_app
 
     teachers = {"clean": _teacher("clean")}
     prompts = all_prompts("colors")[:3] + all_prompts("counting")[:3]
     cfg = _cfg(tmp_path, sample_fraction=1.0, n_expand=1, p_mutate=0.0)
     base = _teacher("base", colors=1.0)
     ds = _set([(p, "clean") for p in prompts], teachers)
-    _, local = D.run_round(ds, base, teachers, ShapesJudge(0.0, 0), cfg, 1)
+    _, local = director.run_round(ds, base, teachers, ShapesJudge(0.0, 0), cfg, 1)
     handle = serve.run(build_judge_app("shapes", {"error_rate": 0.0, "seed": 0}, num_cpus=0.5,
                                        autoscaling_config={"min_replicas": 1, "max_replicas": 1}),
                        name="director-judge", route_prefix=None)
     try:
-        judge = D.HandleJudge(handle)
-        _, remote = D.run_round(ds, base, teachers, judge, cfg, 1)
+        judge = director.HandleJudge(handle)
+        _, remote = director.run_round(ds, base, teachers, judge, cfg, 1)
     finally:  # shut Serve down: other test modules start it with their own HTTP options
         serve.shutdown()
     assert [d["decision"] for d in remote["decisions"]] == [d["decision"] for d in local["decisions"]]
     assert [d["decision"] for d in local["decisions"]] == ["expand"] * 3 + ["delete"] * 3
     assert judge.calls == 6 + 3 == remote["summary"]["judge_calls"]
-
-
-def test_ray_generate_matches_direct_generation(ray_local):
-    from raypref.generators import TeacherGenerator
-
-    prompts = all_prompts("colors")[:5]
-    seeds = [3, 1, 4, 1, 5]
-    images = D.ray_generate(TeacherGenerator, ("prism", SIZE), prompts, seeds, batch_size=2, num_cpus=0.5)
-    direct = TeacherGenerator("prism", size=SIZE).generate(prompts, seeds)
-    assert len(images) == 5 and all(np.array_equal(a, b) for a, b in zip(images, direct))

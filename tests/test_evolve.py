@@ -5,6 +5,7 @@ one prompt per category, two optimizer steps per training, the judge served by R
 """
 
 import hashlib
+import re
 import json
 import math
 import os
@@ -17,8 +18,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from raypref import evolve as E
+from raypref import evolve, evolve_config, spend, stages
 from raypref.config import load_config
+from tests.presets import config_file, evolve_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_KEYS = {
@@ -38,7 +40,7 @@ def tiny_base(tmp_path_factory):
 
 
 def tiny_cfg(base, out, *extra):
-    return load_config(E.tiny_test(), None, [f"model.base={base}", f"run.output_dir={out}", "run.progress=false",
+    return load_config(evolve_tiny(), None, [f"model.base={base}", f"run.output_dir={out}", "run.progress=false",
                                              *extra])
 
 
@@ -62,21 +64,77 @@ def tree_state(*dirs) -> dict:
 ])
 def test_bad_config_is_a_clear_error(override, match):
     with pytest.raises(ValueError, match=match):
-        load_config(E.tiny_test(), None, [override])
+        load_config(evolve_tiny(), None, [override])
+
+
+@pytest.mark.parametrize("override", ["sft.model.path=/x", "train.data.path=/x.parquet", "director.data.image_size=64",
+                                      "synpic.run.output_dir=/x", "ospo.generate.generator=teacher:prism"])
+def test_a_field_the_driver_sets_is_refused_by_name(override):
+    """The driver sets the linked fields every round: setting one is an error naming it, not ignored."""
+    with pytest.raises(ValueError, match=re.escape(override.split("=")[0]) + " is set by the driver"):
+        load_config(evolve_config.shapes_cpu(), None, [override])
+    assert set(evolve_config.LINKED) >= {override.split("=")[0]}
+
+
+def _fake_stages(calls, fail=None):
+    """Stages that record their calls, pay a known amount and pass the checkpoint through; ``fail``
+    (round, stage) raises once, as a crash in that stage would."""
+
+    def make(name, paid):
+        def stage(cfg, ctx, sdir):
+            calls.append((ctx.r, name))
+            if fail is not None and (ctx.r, name) == fail[0] and not fail[1]:
+                fail[1] = True
+                raise RuntimeError(f"crash in round {ctx.r} {name}")
+            out = {"spent": {"teacher_calls": paid, "teacher_cost": 0.5 * paid, "judge_calls": 2 * paid}}
+            if name in ("sft", "train"):
+                out["model"] = str(ctx.ckpt)
+            if name == "eval":
+                out.update(overall=0.1 * ctx.r, categories={}, shapes={}, n=6, dir=str(sdir))
+            return out
+        return stage
+
+    return evolve.Stages(**{n: make(n, paid) for n, paid in zip(evolve.STAGES, (3, 0, 5, 0, 0))})
+
+
+def test_round_loop_resumes_skips_finished_stages_and_bills_each_invocation(tmp_path):
+    """The round loop with fake stages (seconds, no Ray): a crash in round 2's prefs stage, then a
+    re-run that skips rounds 0-1 and round 2's finished stages, and an invocation ledger that bills
+    each run for the stages it ran."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "model_index.json").write_text("{}")
+    cfg = tiny_cfg(base, tmp_path / "run", "run.report=false")
+    calls = []
+    fail = [(2, "prefs"), False]
+    with pytest.raises(RuntimeError, match="crash in round 2 prefs"):
+        evolve.run(cfg, _fake_stages(calls, fail))
+    assert calls == [(0, "eval"), *[(r, s) for r in (1, 2) for s in evolve.STAGES][:-2]]  # up to the crash
+    assert evolve.finished_rounds(tmp_path / "run") == [0, 1]
+    calls.clear()
+    manifests = evolve.run(cfg, _fake_stages(calls, fail))
+    assert calls == [(2, "prefs"), (2, "train"), (2, "eval")]  # round 2's director and sft were finished
+    assert [m["scores"]["overall"] for m in manifests] == pytest.approx([0.0, 0.1, 0.2])
+    first, second = spend.read_invocations(tmp_path / "run")
+    assert (first["teacher_calls"], first["judge_calls"]) == (3 + 5 + 3, 2 * (3 + 5 + 3))  # r1 all, r2 director
+    assert (second["teacher_calls"], second["teacher_cost"], second["stages"]) == (5, 2.5, ["2:prefs", "2:train",
+                                                                                            "2:eval"])
+    calls.clear()
+    assert len(evolve.run(cfg, _fake_stages(calls))) == 3 and calls == []  # all finished: nothing runs
 
 
 def test_presets_and_nested_overrides():
-    for name, preset in E.PRESETS.items():
+    for name, preset in evolve_config.PRESETS.items():
         cfg = preset()
-        assert isinstance(cfg, E.EvolveConfig), name
-        assert cfg.sft.loss.method == "sft" and cfg.train.loss.method in E.PREF_METHODS
-    cfg = load_config(E.shapes_cpu(), None, ["train.loss.method=rankdpo", "sft.optim.max_steps=123",
+        assert isinstance(cfg, evolve_config.EvolveConfig), name
+        assert cfg.sft.loss.method == "sft" and cfg.train.loss.method in evolve_config.PREF_METHODS
+    cfg = load_config(evolve_config.shapes_cpu(), None, ["train.loss.method=rankdpo", "sft.optim.max_steps=123",
                                              "director.data.n_per_category=7", "synpic.prompts.n_per_category=3",
                                              "prefs.source=ospo", "ospo.prompts.per_category=5"])
     assert (cfg.train.loss.method, cfg.sft.optim.max_steps, cfg.director.data.n_per_category,
             cfg.synpic.prompts.n_per_category, cfg.prefs.source, cfg.ospo.prompts.per_category) == \
         ("rankdpo", 123, 7, 3, "ospo", 5)
-    assert E.shapes_cpu().model.base == "shipped"
+    assert evolve_config.shapes_cpu().model.base == "shipped"
 
 
 def test_ospo_prefs_stage(tiny_base, tmp_path):
@@ -84,10 +142,10 @@ def test_ospo_prefs_stage(tiny_base, tmp_path):
     cfg = tiny_cfg(tiny_base, tmp_path / "run", "prefs.source=ospo")
     sdir = tmp_path / "prefs"
     sdir.mkdir()
-    paid = []
-    out = E.stage_prefs(cfg, 1, tiny_base, sdir, lambda calls, cost: paid.append((calls, cost)))
+    ctx = stages.RoundContext(run_dir=tmp_path / "run", r=1, ckpt=tiny_base, stats={"sft": {"model": str(tiny_base)}})
+    out = stages.stage_prefs(cfg, ctx, sdir)
     table = pq.read_table(out["data"])
-    assert out["source"] == "ospo" and out["rows"] == table.num_rows > 0 and paid == []
+    assert out["source"] == "ospo" and out["rows"] == table.num_rows > 0 and "spent" not in out  # no teacher paid
     assert all(len(row["images"]) == 2 and row["phi"] == [1.0, 0.0] for row in table.to_pylist())
     assert not (sdir / "ospo.tmp").exists() and out["summary"]["parquet"] == out["data"]
 
@@ -111,13 +169,13 @@ def test_report_standard_error_and_best_round():
 @pytest.mark.slow  # minutes: two Ray Train fits and a Syn-Pic build per round
 @pytest.mark.timeout(1500)
 def test_two_rounds_end_to_end(tiny_base, tmp_path, ray_local):
-    from raypref.generators import resolve_checkpoint
+    from raypref.checkpoints import resolve_checkpoint
     from raypref.prefdata import decode_png
     from raypref.shapes.evaluate import rescore_dir
 
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_base, out)
-    manifests = E.run(cfg)
+    manifests = evolve.run(cfg)
     assert [m["round"] for m in manifests] == [0, 1, 2]
     for r, m in enumerate(manifests):
         on_disk = json.loads((out / f"round-{r:03d}" / "manifest.json").read_text())
@@ -135,7 +193,7 @@ def test_two_rounds_end_to_end(tiny_base, tmp_path, ray_local):
     for prev, m in ((m0, m1), (m1, m2)):
         assert m["parent_checkpoint"] == prev["checkpoint"] != m["checkpoint"]
         resolve_checkpoint(m["checkpoint"])  # a loadable diffusers pipeline
-        assert set(m["stage_seconds"]) == set(E.STAGES) and all(v > 0 for v in m["stage_seconds"].values())
+        assert set(m["stage_seconds"]) == set(evolve.STAGES) and all(v > 0 for v in m["stage_seconds"].values())
         assert m["losses"]["sft"] is not None and m["losses"]["pref"] is not None
         # counts agree with the datasets on disk
         assert pq.read_metadata(m["datasets"]["sft"]).num_rows == m["counts"]["sft_rows"] == \
@@ -168,16 +226,17 @@ def test_two_rounds_end_to_end(tiny_base, tmp_path, ray_local):
     assert first.shape == (16, 16, 3)
     # a finished run re-run does nothing: no stage runs, no file of a round changes
     before = tree_state(*(out / f"round-{r:03d}" for r in range(3)))
-    E.run(cfg)
+    evolve.run(cfg)
     assert tree_state(*(out / f"round-{r:03d}" for r in range(3))) == before
-    assert E.read_invocations(out)[-1]["stages"] == []
+    assert spend.read_invocations(out)[-1]["stages"] == []
 
 
 # ---------------------------------------------------------------------------------------- kill and resume
 def _driver(base, out, log):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, str(ROOT / "jobs" / "evolve_and_train.py"), "--preset", "tiny_test",
+    cmd = [sys.executable, str(ROOT / "jobs" / "evolve_and_train.py"), "--config",
+           config_file(evolve_tiny(), Path(out).parent / "evolve_tiny.yaml"),
            f"model.base={base}", f"run.output_dir={out}", "run.num_cpus=4"]
     # a session of its own: the kill below reaches the driver and the local Ray it started, nothing else
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -204,7 +263,7 @@ def test_killed_in_round_2_resumes_without_redoing_round_1(tiny_base, tmp_path):
     before.update(tree_state(out / "round-002" / "director"))
     director_versions = {p.name: p.stat().st_mtime_ns for p in (out / "director").glob("round-*.parquet")}
     assert set(director_versions) == {"round-0000.parquet", "round-0001.parquet", "round-0002.parquet"}
-    n_invocations = len(E.read_invocations(out))
+    n_invocations = len(spend.read_invocations(out))
 
     with open(tmp_path / "second.log", "wb") as log:
         proc = _driver(tiny_base, out, log)
@@ -215,7 +274,7 @@ def test_killed_in_round_2_resumes_without_redoing_round_1(tiny_base, tmp_path):
     after.update(tree_state(out / "round-002" / "director"))
     assert after == before  # round 0 and 1, and round 2's finished director stage, untouched
     assert {p.name: p.stat().st_mtime_ns for p in (out / "director").glob("round-*.parquet")} == director_versions
-    invocations = E.read_invocations(out)
+    invocations = spend.read_invocations(out)
     assert len(invocations) == n_invocations + 1
     rerun = invocations[-1]
     assert rerun["rounds"] == [2] and "2:director" not in rerun["stages"] and "2:train" in rerun["stages"]
@@ -232,7 +291,8 @@ def test_killed_in_round_2_resumes_without_redoing_round_1(tiny_base, tmp_path):
 def test_ray_job_submit_on_a_throwaway_cluster(tiny_base, tmp_path):
     """scripts/ray_job_submit.sh: its own head (temp dir, free ports), the driver as a Ray Job, SUCCEEDED."""
     out = tmp_path / "run"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+           "CONFIG": config_file(evolve_tiny(), tmp_path / "evolve_tiny.yaml")}
     env.pop("RAY_ADDRESS", None)
     res = subprocess.run(["bash", str(ROOT / "scripts" / "ray_job_submit.sh"), str(out), f"model.base={tiny_base}",
                           "run.rounds=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1700)
@@ -243,7 +303,7 @@ def test_ray_job_submit_on_a_throwaway_cluster(tiny_base, tmp_path):
 
 # ---------------------------------------------------------------------------------------- CLI
 @pytest.mark.parametrize("command, options", [
-    ("evolve", ["--preset", "--config", "overrides", "tiny_test"]),
+    ("evolve", ["--preset", "--config", "overrides", "shapes_cpu"]),
     ("train", ["--preset", "--config", "--method", "overrides"]),
     ("synpic", ["--preset", "--config", "overrides"]),
     ("ospo", ["--preset", "--config", "--train-method", "overrides"]),
@@ -264,5 +324,5 @@ def test_cli_top_level_help_lists_every_subcommand():
     text = build_parser().format_help()
     for command in ("synpic", "ospo", "train", "evolve", "shapes-eval", "serve"):
         assert command in text
-    assert subprocess.run([sys.executable, "-m", "raypref.cli", "evolve", "--preset", "tiny_test", "run.rounds=-1"],
+    assert subprocess.run([sys.executable, "-m", "raypref.cli", "evolve", "run.rounds=-1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300).returncode == 2

@@ -12,9 +12,15 @@ import numpy as np
 import pytest
 
 import raypref.shapes.detect  # noqa: F401  (the module; raypref.shapes re-exports a function `detect`)
-from raypref.judge import (
-    JUDGES, OpenAIJudge, ShapesJudge, TransformersJudge, build_judge, combine_pair, decode_png,
-    encode_png, parse_choice, parse_lines, parse_yes_no, split_pair,
+from raypref.judges import JUDGES, OpenAIJudge, ShapesJudge, TransformersJudge, build_judge
+from raypref.judges.common import (
+    combine_pair,
+    decode_png_b64,
+    encode_png_b64,
+    parse_choice,
+    parse_lines,
+    parse_yes_no,
+    split_pair,
 )
 from raypref.shapes.grammar import CATEGORIES, eval_prompts, parse
 from raypref.shapes.render import Placed, rasterize
@@ -146,10 +152,10 @@ def test_pair_canvas_roundtrip_and_png():
     ra, rb = split_pair(c, 3)
     assert (ra == a).all() and (rb == b).all()
     assert (c[:16] != 255).any()  # the labels are drawn
-    assert (decode_png(encode_png(a)) == a).all()
-    assert (decode_png("data:image/png;base64," + encode_png(b)) == b).all()
+    assert (decode_png_b64(encode_png_b64(a)) == a).all()
+    assert (decode_png_b64("data:image/png;base64," + encode_png_b64(b)) == b).all()
     with pytest.raises(ValueError, match="not a base64-encoded PNG"):
-        decode_png("aGVsbG8=")
+        decode_png_b64("aGVsbG8=")
 
 
 def test_answer_parsers():
@@ -205,13 +211,13 @@ class _ShapesChatServer:
         elif "Which one aligns better" in text:
             assert len(urls) == 1 and urls[0].startswith("data:image/png;base64,")
             prompt = re.search(r'description "(.*?)"', text).group(1)
-            a, b = split_pair(decode_png(urls[0]))
+            a, b = split_pair(decode_png_b64(urls[0]))
             k = self.judge.discriminate(prompt, [a, b])
             self.good_side.append(k)
             reply = {0: "<(A) is better>", 1: "(B) is better."}.get(k, "Neither of them.")
         elif text.endswith("Answer with yes or no."):
             q = text[: -len(" Answer with yes or no.")]
-            img = decode_png(urls[0])
+            img = decode_png_b64(urls[0])
             m = re.fullmatch(r'Does this image show "(.*)"\?', q)
             yes = D.passes(m.group(1), img) if m else self.judge.vqa(img, [q])[0] == 1.0
             reply = "Yes" if yes else "No"
@@ -320,8 +326,13 @@ def _tiny_llava(path):
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
-        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-        LlavaProcessor, PreTrainedTokenizerFast,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
     )
 
     words = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "yes", "no", "Yes", "No", "a", "circle", "square",

@@ -343,17 +343,6 @@ def test_bfloat16_load_encode_predict(family, checkpoints):
 
 
 # ------------------------------------------------------------------------------- loading / errors
-def test_load_adapter_shapes_pipeline(tmp_path):
-    from raypref.shapes.model import ShapesPipeline, build_pipeline
-
-    build_pipeline("tiny", family="pixart").save_pretrained(tmp_path / "shapes")
-    model = load_adapter(tmp_path / "shapes")
-    assert isinstance(model, ShapesPipeline)
-    assert model.noise_schedule().prediction_type == "epsilon"
-    images = model.generate(PROMPTS[:1], [0], num_inference_steps=1)
-    assert model.encode_images(images).shape == (1, 3, 16, 16)
-
-
 def test_load_adapter_errors(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="unknown model family 'flux'"):
         load_adapter(checkpoints["sd15"], family="flux")

@@ -1,39 +1,29 @@
-"""OSPO pair building (raypref.ospo, jobs/build_ospo.py).
+"""OSPO pair building (raypref.ospo, its job entry point and jobs/build_ospo.py).
 
-The judge is the real analytic ``raypref.judge.ShapesJudge(error_rate=0.0)``; the models are the
+The judge is the real analytic ``raypref.judges.ShapesJudge(error_rate=0.0)``; the models are the
 procedural teachers and a tiny random-weight shapes pipeline saved to tmp_path and loaded through
 ``raypref.generators`` (the real loading code).
 """
 
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raypref import ospo
+from raypref import ospo, ospo_config, perturbation
 from raypref.config import load_config
 from raypref.generators import build_generator
-from raypref.judge import ShapesJudge
+from raypref.judges import ShapesJudge
 from raypref.prefdata import SCHEMA, decode_png, to_table, validate_row
 from raypref.shapes.detect import check_results, passes
 from raypref.shapes.grammar import CATEGORIES, all_prompts, parse
-
-JOB = Path(__file__).resolve().parent.parent / "jobs" / "build_ospo.py"
-
-
-def _job():
-    spec = importlib.util.spec_from_file_location("build_ospo_job", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.presets import config_file, ospo_tiny, train_tiny
 
 
 def _cfg(**sections):
-    cfg = ospo.tiny_test()
+    cfg = ospo_tiny()
     return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
 
 
@@ -77,44 +67,44 @@ def test_every_perturbation_keeps_grammar_and_changes_exactly_one_binding():
     total = 0
     for cat in CATEGORIES:
         for prompt in all_prompts(cat):
-            cands = ospo.candidate_perturbations(prompt)
+            cands = perturbation.candidate_perturbations(prompt)
             assert len(cands) == expected[cat], prompt
             assert len({c.perturbed for c in cands}) == len(cands), prompt
             for c in cands:
                 parse(c.perturbed)  # inside the grammar
                 assert c.perturbed != prompt and c.base == prompt and c.category == cat
-                assert c.operation in ospo.OPERATIONS[cat]
+                assert c.operation in perturbation.OPERATIONS[cat]
                 assert _diff(prompt, c.perturbed) == c.binding, c
             total += len(cands)
     assert total == 3 * 2 + 6 * 4 + 9 * 2 + 24 * 7 + 24 * 3 + 336 * 15
 
 
 def test_operation_semantics_on_examples():
-    got = {(c.operation, c.perturbed) for c in ospo.candidate_perturbations("a circle left of a square")}
+    got = {(c.operation, c.perturbed) for c in perturbation.candidate_perturbations("a circle left of a square")}
     assert got == {("reverse_relation", "a circle right of a square"), ("change_relation", "a circle above a square"),
                    ("change_relation", "a circle below a square")}
-    got = {(c.operation, c.perturbed) for c in ospo.candidate_perturbations("a red circle and a cyan triangle")}
+    got = {(c.operation, c.perturbed) for c in perturbation.candidate_perturbations("a red circle and a cyan triangle")}
     assert ("swap_colors", "a cyan circle and a red triangle") in got
     assert ("drop_object", "a red circle") in got and ("drop_object", "a cyan triangle") in got
     assert ("replace_color", "a red circle and a blue triangle") in got
     assert ("replace_color", "a cyan circle and a cyan triangle") not in got  # would leave the grammar
-    assert {c.perturbed for c in ospo.candidate_perturbations("three squares")} == {"two squares", "four squares"}
+    assert {c.perturbed for c in perturbation.candidate_perturbations("three squares")} == {"two squares", "four squares"}
 
 
 def test_perturb_sampling_is_seeded_distinct_and_balanced_over_operations():
     p = "a red circle and a cyan triangle"
-    a = ospo.perturb(p, 4, seed=3)
-    assert a == ospo.perturb(p, 4, seed=3) and len({x.perturbed for x in a}) == 4
-    assert len(ospo.perturb(p, 100)) == 15  # fewer candidates than asked: all of them
-    assert {x.operation for x in ospo.perturb(p, 15, operations=("swap_colors",))} == {"swap_colors"}
+    a = perturbation.perturb(p, 4, seed=3)
+    assert a == perturbation.perturb(p, 4, seed=3) and len({x.perturbed for x in a}) == 4
+    assert len(perturbation.perturb(p, 100)) == 15  # fewer candidates than asked: all of them
+    assert {x.operation for x in perturbation.perturb(p, 15, operations=("swap_colors",))} == {"swap_colors"}
     # Operations are drawn uniformly before candidates: with {swap (1 candidate), replace (12)}
     # and m = 2, P(swap drawn) = 1/2 + 1/2 * 1/2 = 3/4 (uniform over candidates would give 2/13).
     prompts = all_prompts("color_attr")
-    hit = np.mean([any(x.operation == "swap_colors" for x in ospo.perturb(q, 2, ("swap_colors", "replace_color")))
+    hit = np.mean([any(x.operation == "swap_colors" for x in perturbation.perturb(q, 2, ("swap_colors", "replace_color")))
                    for q in prompts])
     assert 0.65 < hit < 0.85, hit
     with pytest.raises(ValueError, match="not in the shapes grammar"):
-        ospo.perturb("a dog", 2)
+        perturbation.perturb("a dog", 2)
 
 
 # ----------------------------------------------------------------------------- VQA scores and filtering
@@ -131,7 +121,7 @@ def test_vqa_summary_by_hand():
 
 
 def test_filter_and_select_on_hand_built_answers():
-    f, v = ospo.FilterSection(), ospo.vqa_summary
+    f, v = ospo_config.FilterSection(), ospo.vqa_summary
     slots = [
         (v([1, 1, 0]), v([0, 0, 0])),  # chosen S = 1/3 < 0.6                    -> chosen_low_score
         (v([0, 0, 0]), v([0, 0, 0])),  # chosen has no yes                       -> chosen_no_yes
@@ -151,7 +141,7 @@ def test_filter_and_select_on_hand_built_answers():
 
 def test_assemble_ospo_rows_from_hand_built_results():
     cfg = _cfg(generate={"slots": 2})
-    p = ospo.Perturbation("a red square", "a blue square", "replace_color", "obj0.color", "colors")
+    p = perturbation.Perturbation("a red square", "a blue square", "replace_color", "obj0.color", "colors")
     s0, s1 = (ospo.slot_seed(p.base, s, cfg.generate.seed, 0) for s in range(2))
     img = lambda k: np.full((4, 4, 3), k, np.uint8)  # noqa: E731
     v = ospo.vqa_summary
@@ -178,7 +168,7 @@ def test_assemble_ospo_rows_from_hand_built_results():
 
 
 def test_base_and_perturbed_share_seeds():
-    perts = ospo.perturb("a circle and a square", 2)
+    perts = perturbation.perturb("a circle and a square", 2)
     items = ospo.generation_items([(p.base, p.base, p.perturbed) for p in perts], slots=3)
     # 3 base images (shared by both perturbations) + 3 per perturbation
     assert len(items) == 3 + 2 * 3
@@ -221,7 +211,7 @@ def test_same_seed_same_image_tiny_pipeline_and_build(tmp_path, scorer):
 def test_ospo_rows_validate_load_and_mean_what_they_say(tmp_path, scorer):
     from raypref.train import LossSection, select
 
-    cfg = ospo.tiny_test()
+    cfg = ospo_tiny()
     rows, records, summary = ospo.build_pairs(cfg, build_generator(cfg.generate.generator), scorer)
     assert summary["perturbations"] == 6 * 2 * 2 and len(rows) == summary["kept"] > 0
     path = tmp_path / "ospo.parquet"
@@ -272,39 +262,39 @@ def test_naive_pairs(scorer):
 
 
 def test_densification_is_recorded_not_conditioned_in_the_shapes_world(scorer):
-    assert ospo.densify("a red circle") == "a picture of a red circle on a dark background"
+    assert perturbation.densify("a red circle") == "a picture of a red circle on a dark background"
     cfg = _cfg(densify={"mode": "record"}, prompts={"per_category": 1, "categories": ("colors",)})
     rows, records, _ = ospo.build_pairs(cfg, build_generator(cfg.generate.generator), scorer)
     for rec in records:
-        assert rec["dense"] == [ospo.densify(rec["base"]), ospo.densify(rec["perturbed"])]
+        assert rec["dense"] == [perturbation.densify(rec["base"]), perturbation.densify(rec["perturbed"])]
     for row in rows:
         parse(row["prompt"])  # rows keep the grammar prompt
     with pytest.raises(ValueError, match="densify.mode='condition'"):
         ospo.build_pairs(_cfg(densify={"mode": "condition"}), None, scorer)
     # Free text (not grammar) is densified by the template when there is no chat judge.
-    p = ospo.Perturbation("a cat on a mat", "a dog on a mat", "llm_edit", "unknown", "")
-    assert ospo.dense_pair(p, ospo.DensifySection(mode="condition")) == (
-        ospo.densify("a cat on a mat"), ospo.densify("a dog on a mat"))
+    p = perturbation.Perturbation("a cat on a mat", "a dog on a mat", "llm_edit", "unknown", "")
+    assert perturbation.dense_pair(p, ospo_config.DensifySection(mode="condition")) == (
+        perturbation.densify("a cat on a mat"), perturbation.densify("a dog on a mat"))
 
 
 def test_llm_steps_need_a_chat_judge():
-    for call in (lambda: ospo.llm_prompts(ShapesJudge(), "color", 3),
-                 lambda: ospo.llm_perturb(None, "a cat", 2),
-                 lambda: ospo.llm_densify(ShapesJudge(), "a cat", "a dog"),
-                 lambda: ospo.initial_prompts(ospo.PromptSection(source="llm"), ShapesJudge())):
+    for call in (lambda: perturbation.llm_prompts(ShapesJudge(), "color", 3),
+                 lambda: perturbation.llm_perturb(None, "a cat", 2),
+                 lambda: perturbation.llm_densify(ShapesJudge(), "a cat", "a dog"),
+                 lambda: perturbation.initial_prompts(ospo_config.PromptSection(source="llm"), ShapesJudge())):
         with pytest.raises(ValueError, match="needs a chat judge"):
             call()
 
 
 def test_prompt_sources(tmp_path):
-    ps = ospo.grammar_prompts(("position", "single_object"), 5, seed=0)
+    ps = perturbation.grammar_prompts(("position", "single_object"), 5, seed=0)
     assert len(ps) == 5 + 3  # single_object has only 3 prompts
     assert [parse(p).category for p in ps] == ["position"] * 5 + ["single_object"] * 3 and len(set(ps)) == 8
     f = tmp_path / "p.txt"
     f.write_text("a red circle\n\n  two squares \na red circle\n")
-    assert ospo.file_prompts(f) == ["a red circle", "two squares"]
+    assert perturbation.file_prompts(f) == ["a red circle", "two squares"]
     with pytest.raises(ValueError, match="does not exist"):
-        ospo.file_prompts(tmp_path / "missing.txt")
+        perturbation.file_prompts(tmp_path / "missing.txt")
 
 
 # ----------------------------------------------------------------------------- self-improvement
@@ -338,17 +328,17 @@ def test_ospo_rounds_next_round_uses_the_trained_model(scorer):
 
 
 def test_config_overrides_and_errors():
-    cfg = load_config(ospo.shapes_cpu(), None, ["perturb.per_prompt=3", "generate.slots=2", "run.mode=naive"])
+    cfg = load_config(ospo_config.shapes_cpu(), None, ["perturb.per_prompt=3", "generate.slots=2", "run.mode=naive"])
     assert cfg.perturb.per_prompt == 3 and cfg.generate.slots == 2 and cfg.run.mode == "naive"
     for bad in (["perturb.operations=[shuffle]"], ["densify.mode=always"], ["prompts.categories=[complex]"],
                 ["generate.slots=0"], ["filter.min_chosen_score=2"], ["run.use_ray=maybe"], ["nope.x=1"]):
         with pytest.raises(ValueError):
-            load_config(ospo.shapes_cpu(), None, bad)
+            load_config(ospo_config.shapes_cpu(), None, bad)
 
 
 def test_job_plain_and_ray_data_give_the_same_rows(tmp_path, ray_local):
-    job = _job()
-    base = ["--preset", "tiny_test", "prompts.per_category=1"]
+    job = ospo
+    base = ["--config", config_file(ospo_tiny(), tmp_path / "tiny.yaml"), "prompts.per_category=1"]
     plain = job.main(base + [f"run.output={tmp_path / 'plain.parquet'}", "run.use_ray=never"])
     viaray = job.main(base + [f"run.output={tmp_path / 'ray.parquet'}", "run.use_ray=always", "run.num_actors=1",
                               "run.batch_size=4"])
@@ -366,17 +356,19 @@ def test_job_trainer_hands_the_next_round_a_full_pipeline(ray_local, scorer, tmp
     """The job's between-rounds training (LoRA DPO, tiny preset) folds the adapter into a plain pipeline."""
     import torch
 
-    from raypref.shapes.model import ShapesPipeline, build_pipeline
+    from raypref.models import load_adapter
+    from raypref.shapes.model import build_pipeline
 
-    build_pipeline("tiny", "sd3", seed=0).save_pretrained(tmp_path / "base")
+    build_pipeline("tiny", seed=0).save_pretrained(tmp_path / "base")
     cfg = _cfg(run={"output": str(tmp_path / "ospo.parquet")})
     rows, _, _ = ospo.build_pairs(cfg, build_generator("teacher:vellum", size=16), scorer)  # the model is 16 x 16
     assert rows
-    train = _job().make_trainer(cfg, "tiny_test", "dpo", [f"run.storage_path={tmp_path / 'runs'}", "run.num_workers=1"])
+    train = ospo.make_trainer(cfg, ["--config", config_file(train_tiny(), tmp_path / "train.yaml"), "--method", "dpo",
+                                    f"run.storage_path={tmp_path / 'runs'}", "run.num_workers=1"])
     spec = train(rows, f"checkpoint:{tmp_path / 'base'}", 0)
-    model = ShapesPipeline.from_pretrained(spec.partition(":")[2])
-    base = ShapesPipeline.from_pretrained(tmp_path / "base")
+    model = load_adapter(spec.partition(":")[2])
+    base = load_adapter(tmp_path / "base")
     assert not any("lora" in n for n, _ in model.denoiser.named_parameters())
     changed = [n for (n, a), (_, b) in zip(model.denoiser.named_parameters(), base.denoiser.named_parameters())
                if not torch.equal(a, b)]
-    assert changed and all(".attn." in n for n in changed), changed[:5]  # tiny preset: LoRA on attention only
+    assert changed and all(".attn" in n for n in changed), changed[:5]  # tiny preset: LoRA on attention only

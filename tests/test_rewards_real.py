@@ -7,10 +7,10 @@ transformers CLIP gets a byte-level tokenizer written here.
 import json
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 
-import open_clip
 from raypref.rewards import REWARDS, build_reward
 from raypref.rewards.aesthetic import AestheticMLP, LaionAesthetic
 from raypref.rewards.clip import ClipScore

@@ -20,9 +20,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from raypref.models import load_adapter  # noqa: E402
-from raypref.shapes.model import ShapesPipeline, build_pipeline  # noqa: E402
-from serve.images import APIError, app_builder, build_images_app, parse_size, validate_request  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+from raypref.models import (
+    SD15Adapter,  # noqa: E402
+    load_adapter,  # noqa: E402
+)
+from raypref.serving.images import APIError, app_builder, build_images_app, parse_size, validate_request  # noqa: E402
+from raypref.shapes.model import build_pipeline  # noqa: E402
 
 KEY = "sk-test-raypref"
 STEPS, GUIDANCE = 2, 3.0
@@ -56,17 +61,16 @@ def models(tmp_path_factory):
     build_pipeline("tiny").save_pretrained(str(root / "base"))
     lora_pipe = build_pipeline("tiny")  # same seed: the same base weights
     # lora_alpha == r: a LoRA file without metadata loads back with scale alpha / r = 1
-    lora_pipe.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]))
+    lora_pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v"]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in lora_pipe.transformer.named_parameters():
+        for name, p in lora_pipe.unet.named_parameters():
             if "lora_B" in name:  # zero at init: the adapter would be a no-op
                 p.copy_(torch.randn(p.shape, generator=g))
-    ShapesPipeline.save_lora_weights(
-        str(root / "lora"), transformer_lora_layers=get_peft_model_state_dict(lora_pipe.transformer)
+    StableDiffusionPipeline.save_lora_weights(
+        str(root / "lora"), unet_lora_layers=get_peft_model_state_dict(lora_pipe.unet)
     )
-    lora_pipe.set_progress_bar_config(disable=True)
-    return {"base": str(root / "base"), "lora": str(root / "lora"), "lora_pipe": lora_pipe,
+    return {"base": str(root / "base"), "lora": str(root / "lora"), "lora_pipe": SD15Adapter(lora_pipe),
             "base_model": load_adapter(str(root / "base"))}
 
 
@@ -217,18 +221,18 @@ def test_builders_and_serve_config(models):
     from ray.serve.deployment import Application
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.judge import app_builder as judge_builder
+    from raypref.serving.judge import app_builder as judge_builder
 
     with open(os.path.join(ROOT, "serve", "config.yaml")) as f:
         cfg = yaml.safe_load(f)
     schema = ServeDeploySchema.model_validate(cfg)
     assert schema.http_options.host == "127.0.0.1"
     apps = {a.name: a for a in schema.applications}
-    assert apps["images"].import_path == "serve.images:app_builder" and apps["images"].route_prefix == "/"
-    assert apps["judge"].import_path == "serve.judge:app_builder"
+    assert apps["images"].import_path == "raypref.serving.images:app_builder" and apps["images"].route_prefix == "/"
+    assert apps["judge"].import_path == "raypref.serving.judge:app_builder"
     assert isinstance(app_builder(apps["images"].args), Application)
     assert isinstance(judge_builder(apps["judge"].args), Application)
-    # `serve run serve.images:app_builder checkpoint=... num_cpus=0.5 max_n=2` passes strings
+    # `serve run raypref.serving.images:app_builder checkpoint=... num_cpus=0.5 max_n=2` passes strings
     app = app_builder({"checkpoint": models["base"], "num_cpus": "0.5", "max_n": "2", "num_replicas": "1"})
     assert isinstance(app, Application)
     with pytest.raises(ValidationError, match="max_n"):

@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from raypref.judge import ShapesJudge, encode_png  # noqa: E402
+from raypref.judges import ShapesJudge  # noqa: E402
+from raypref.judges.common import encode_png_b64  # noqa: E402
 from raypref.shapes.grammar import eval_prompts  # noqa: E402
 from raypref.shapes.teachers import Teacher  # noqa: E402
 
@@ -25,7 +26,7 @@ BACKEND = {"error_rate": 0.25, "seed": 3}  # noisy on purpose: answers must stil
 def judge_app(ray_local):
     from ray import serve
 
-    from serve.judge import build_judge_app
+    from raypref.serving.judge import build_judge_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,14 +64,14 @@ def test_handle_http_and_task_agree_with_local_judge(judge_app, renders):
     for p, a, b in renders:
         want = local.discriminate(p, [a, b])
         assert handle.discriminate.remote(p, [a, b]).result() == want
-        r = _post(url, "discriminate", {"prompt": p, "images": [encode_png(a), encode_png(b)]})
+        r = _post(url, "discriminate", {"prompt": p, "images": [encode_png_b64(a), encode_png_b64(b)]})
         assert r.status_code == 200 and r.json() == {"index": want}
         qs = local.questions(p)
         assert handle.questions.remote(p).result() == qs
         assert _post(url, "questions", {"prompt": p}).json() == {"questions": qs}
         p_yes = local.vqa(a, qs)
         assert handle.vqa.remote(a, qs).result() == p_yes
-        assert _post(url, "vqa", {"image": "data:image/png;base64," + encode_png(a), "questions": qs}).json() == {
+        assert _post(url, "vqa", {"image": "data:image/png;base64," + encode_png_b64(a), "questions": qs}).json() == {
             "p_yes": p_yes}
     p, a, b = renders[3]
     assert ray.get(from_task.remote(handle, p, [a, b])) == local.discriminate(p, [a, b])
@@ -98,13 +99,13 @@ def test_malformed_requests_get_4xx_and_the_deployment_stays_up(judge_app, rende
     p, a, b = renders[0]
     bad = requests.post(f"{url}/discriminate", data=b"{not json", timeout=60)
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
-    r = _post(url, "discriminate", {"images": [encode_png(a)]})
+    r = _post(url, "discriminate", {"images": [encode_png_b64(a)]})
     assert r.status_code == 422 and "'prompt'" in r.json()["error"]
-    r = _post(url, "discriminate", {"prompt": p, "images": [encode_png(a), "aGVsbG8="]})
+    r = _post(url, "discriminate", {"prompt": p, "images": [encode_png_b64(a), "aGVsbG8="]})
     assert r.status_code == 422 and "images[1]" in r.json()["error"] and "PNG" in r.json()["error"]
-    r = _post(url, "discriminate", {"prompt": "a purple cow", "images": [encode_png(a)]})
+    r = _post(url, "discriminate", {"prompt": "a purple cow", "images": [encode_png_b64(a)]})
     assert r.status_code == 422 and "not in the shapes grammar" in r.json()["error"]
-    r = _post(url, "vqa", {"image": encode_png(a), "questions": ["is it a dog?"]})
+    r = _post(url, "vqa", {"image": encode_png_b64(a), "questions": ["is it a dog?"]})
     assert r.status_code == 422 and "not one the shapes judge asks" in r.json()["error"]
     r = _post(url, "expand", {"prompt": p, "n": "three"})
     assert r.status_code == 422 and "'n'" in r.json()["error"]
@@ -115,7 +116,7 @@ def test_malformed_requests_get_4xx_and_the_deployment_stays_up(judge_app, rende
         handle.discriminate.remote(p, [a.astype(np.float32)]).result()
     # still serving, through both paths
     want = ShapesJudge(**BACKEND).discriminate(p, [a, b])
-    assert _post(url, "discriminate", {"prompt": p, "images": [encode_png(a), encode_png(b)]}).json() == {"index": want}
+    assert _post(url, "discriminate", {"prompt": p, "images": [encode_png_b64(a), encode_png_b64(b)]}).json() == {"index": want}
     assert handle.discriminate.remote(p, [a, b]).result() == want
 
 
@@ -126,14 +127,14 @@ def test_build_args_and_llm_config_example():
     from ray.serve.deployment import Application
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.judge import app_builder, build_judge_app
+    from raypref.serving.judge import app_builder, build_judge_app
 
     with open(os.path.join(ROOT, "serve", "llm_judge_example.yaml")) as f:
         cfg = yaml.safe_load(f)
     schema = ServeDeploySchema.model_validate(cfg)
     apps = {a.name: a for a in schema.applications}
     assert apps["vlm"].import_path == "ray.serve.llm:build_openai_app"
-    assert apps["judge"].import_path == "serve.judge:app_builder"
+    assert apps["judge"].import_path == "raypref.serving.judge:app_builder"
     llm = apps["vlm"].args["llm_configs"][0]
     judge_args = apps["judge"].args
     assert judge_args["backend"] == "openai"

@@ -21,10 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raypref import labels, prefdata, synpic
+from raypref import labels, prefdata, prompt_sources, synpic, synpic_config
 from raypref.generators import TeacherGenerator
 from raypref.rewards.shapes import AestheticReward
 from raypref.shapes.teachers import PROFILES
+from tests.presets import config_file, synpic_tiny
 
 N_PROMPTS = 12  # tiny_test: 2 per category x 6 categories, chunks of 4
 
@@ -76,7 +77,7 @@ def _pickle_test_classes():
 
 
 def _cfg(out, specs, rewards=("faithfulness", "aesthetic"), **run_kw):
-    cfg = synpic.tiny_test()
+    cfg = synpic_tiny()
     return replace(cfg, generators=replace(cfg.generators, specs=tuple(specs)),
                    rewards=replace(cfg.rewards, specs=tuple(rewards)),
                    run=replace(cfg.run, output_dir=str(out), **run_kw))
@@ -138,7 +139,7 @@ def test_dataset_loads_with_ray_and_hf_datasets(built):
     hf = datasets.load_dataset("parquet", data_files=sorted(glob.glob(str(built["out"] / "data" / "*.parquet"))),
                                split="train")
     assert len(hf) == N_PROMPTS
-    expected = [p for p, _ in synpic.load_prompts(synpic.tiny_test().prompts, grammar=True)[0]]
+    expected = [p for p, _ in prompt_sources.load_prompts(synpic_tiny().prompts, grammar=True)[0]]
     assert sorted(hf["prompt"]) == sorted(expected) and len(set(hf["prompt"])) == N_PROMPTS
 
 
@@ -201,25 +202,21 @@ def test_rerun_with_other_inputs_is_refused(built):
 
 
 def test_job_main_wires_config_to_run(built):
-    """jobs/build_synpic.py: preset + CLI overrides reach synpic.run (here: refused, other generators)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "jobs" / "build_synpic.py"
-    spec = importlib.util.spec_from_file_location("build_synpic", path)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    """The job (synpic.main, behind jobs/build_synpic.py): preset + CLI overrides reach synpic.run
+    (here: refused, other generators)."""
+    job = synpic
     with pytest.raises(ValueError, match="different inputs"):
-        job.main(["--preset", "tiny_test", f"run.output_dir={built['out']}",
+        job.main(["--config", config_file(synpic_tiny(), built["out"].parent / "tiny.yaml"), f"run.output_dir={built['out']}",
                   "generators.specs=[teacher:prism,teacher:vellum]"])
     with pytest.raises(ValueError, match="unknown config key 'run.nope'"):
-        job.main(["--preset", "tiny_test", "run.nope=1"])
+        job.main(["run.nope=1"])
 
 
 def test_killed_generator_actor_and_nan_reward(ray_local, tmp_path):
     """A generator actor, one of a pool of two, dies mid-run (os._exit once): Ray Data restarts it and
     retries the batch, and the dataset still holds every prompt exactly once. A reward returning NaN for one prompt
     turns that prompt into a counted skip, not a row and not a silent drop."""
-    prompts = [p for p, _ in synpic.load_prompts(synpic.tiny_test().prompts, grammar=True)[0]]
+    prompts = [p for p, _ in prompt_sources.load_prompts(synpic_tiny().prompts, grammar=True)[0]]
     bad = prompts[7]
     marker = tmp_path / "crashed"
     log = tmp_path / "calls.log"
@@ -259,7 +256,7 @@ def test_fused_layout_writes_the_pools_rows_and_survives_a_dead_actor(built, tmp
 
 
 def test_fused_layout_config():
-    cfg = synpic.shapes_cpu()
+    cfg = synpic_config.shapes_cpu()
     fused = replace(cfg, run=replace(cfg.run, layout="fused"),
                     generators=replace(cfg.generators, pool_size=2, num_cpus=0.5))
     synpic.check_resources(fused, cpus=2, gpus=0)  # 2 actors x 0.5 + label 0.25 = 1.25 CPUs
@@ -273,7 +270,7 @@ def test_fused_layout_config():
 
 DRIVER = """
 import functools, json, sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {root!r}]
 import ray
 from ray import cloudpickle
 import test_synpic as T
@@ -289,7 +286,7 @@ def test_driver_killed_mid_run_resumes_without_regenerating(ray_local, tmp_path)
     """SIGKILL the driver (a separate job on the same cluster) once its first chunk is committed; the
     re-run finishes, and no committed (teacher, prompt) is generated a second time."""
     out, log = tmp_path / "out", tmp_path / "calls.log"
-    code = DRIVER.format(tests=str(Path(__file__).resolve().parent), gcs=ray_local.get_runtime_context().gcs_address,
+    code = DRIVER.format(tests=str(Path(__file__).resolve().parent), root=str(Path(__file__).resolve().parents[1]), gcs=ray_local.get_runtime_context().gcs_address,
                          out=str(out), log=str(log))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -319,20 +316,20 @@ def test_driver_killed_mid_run_resumes_without_regenerating(ray_local, tmp_path)
 
 # --------------------------------------------------------------------------------------------- bad input
 def _prompt_cfg(source, **kw):
-    return replace(synpic.PromptsSection(source=str(source)), **kw)
+    return replace(synpic_config.PromptsSection(source=str(source)), **kw)
 
 
 def test_text_prompts_bad_lines_are_counted_skips(tmp_path):
     f = tmp_path / "p.txt"
     f.write_bytes(b"a red circle\n\n  a square \n\xff\xfe oops\na red circle\nan octagon please\n"
                   + b"a " + b"x" * 50 + b"\ntwo triangles\n")
-    prompts, skips = synpic.load_prompts(_prompt_cfg(f, max_chars=40), grammar=True)
+    prompts, skips = prompt_sources.load_prompts(_prompt_cfg(f, max_chars=40), grammar=True)
     assert prompts == [("a red circle", "colors"), ("a square", "single_object"), ("two triangles", "counting")]
     assert {r: d["count"] for r, d in skips.items()} == {
         "empty": 1, "undecodable": 1, "duplicate": 1, "not_in_grammar": 1, "too_long": 1}
     assert skips["undecodable"]["examples"] == ["p.txt:4: not UTF-8"]
     # without the grammar, free text is fine
-    free, skips = synpic.load_prompts(_prompt_cfg(f, max_chars=40), grammar=False)
+    free, skips = prompt_sources.load_prompts(_prompt_cfg(f, max_chars=40), grammar=False)
     assert ("an octagon please", "") in free and "not_in_grammar" not in skips
 
 
@@ -340,42 +337,42 @@ def test_bad_prompt_is_an_error_when_asked(tmp_path):
     f = tmp_path / "p.txt"
     f.write_bytes(b"a red circle\n\xff\n")
     with pytest.raises(ValueError, match=r"undecodable.*p.txt:2"):
-        synpic.load_prompts(_prompt_cfg(f, on_bad="error"), grammar=True)
+        prompt_sources.load_prompts(_prompt_cfg(f, on_bad="error"), grammar=True)
     f.write_text("a red circle\na red circle\n")
     with pytest.raises(ValueError, match="duplicate"):
-        synpic.load_prompts(_prompt_cfg(f, on_bad="error"), grammar=True)
+        prompt_sources.load_prompts(_prompt_cfg(f, on_bad="error"), grammar=True)
 
 
 def test_parquet_prompts(tmp_path):
     f = tmp_path / "p.parquet"
     pq.write_table(pa.table({"text": ["a circle", None, "a circle", "a blue square"]}), f)
-    prompts, skips = synpic.load_prompts(_prompt_cfg(f, column="text"), grammar=True)
+    prompts, skips = prompt_sources.load_prompts(_prompt_cfg(f, column="text"), grammar=True)
     assert [p for p, _ in prompts] == ["a circle", "a blue square"]
     assert skips["empty"]["count"] == 1 and skips["duplicate"]["count"] == 1
     with pytest.raises(ValueError, match="no column 'prompt'"):
-        synpic.load_prompts(_prompt_cfg(f), grammar=True)
+        prompt_sources.load_prompts(_prompt_cfg(f), grammar=True)
     pq.write_table(pa.table({"prompt": [1, 2]}), f)
     with pytest.raises(ValueError, match="must hold strings"):
-        synpic.load_prompts(_prompt_cfg(f), grammar=True)
+        prompt_sources.load_prompts(_prompt_cfg(f), grammar=True)
 
 
 def test_shapes_prompts_are_distinct_and_capped():
-    prompts, skips = synpic.load_prompts(synpic.PromptsSection(n_per_category=5, seed=3), grammar=True)
+    prompts, skips = prompt_sources.load_prompts(synpic_config.PromptsSection(n_per_category=5, seed=3), grammar=True)
     cats = [c for _, c in prompts]
     assert cats.count("single_object") == 3  # the grammar has only 3 single-object prompts
     assert all(cats.count(c) == 5 for c in set(cats) - {"single_object"})
     assert len({p for p, _ in prompts}) == len(prompts) and skips == {}
-    again, _ = synpic.load_prompts(synpic.PromptsSection(n_per_category=5, seed=3), grammar=True)
+    again, _ = prompt_sources.load_prompts(synpic_config.PromptsSection(n_per_category=5, seed=3), grammar=True)
     assert again == prompts
 
 
 def test_config_and_run_errors(tmp_path):
     with pytest.raises(ValueError, match="K >= 2"):
-        synpic.GeneratorsSection(specs=("teacher:prism",))
+        synpic_config.GeneratorsSection(specs=("teacher:prism",))
     with pytest.raises(ValueError, match="num_cpus"):
-        synpic.GeneratorsSection(num_cpus=0)
+        synpic_config.GeneratorsSection(num_cpus=0)
     with pytest.raises(ValueError, match="on_bad"):
-        synpic.PromptsSection(on_bad="ignore")
+        synpic_config.PromptsSection(on_bad="ignore")
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
         synpic.run(_cfg(tmp_path / "o", ("teacher:prism", "teacher:quill"), rewards=("nope",)))
     empty = tmp_path / "empty.txt"
@@ -388,14 +385,14 @@ def test_config_and_run_errors(tmp_path):
 
 
 def test_derive_seed_is_stable_and_spread():
-    a = synpic.derive_seed("abc", "teacher:prism")
-    assert a == synpic.derive_seed("abc", "teacher:prism") and 0 <= a < 2**31
-    assert len({synpic.derive_seed("abc", f"teacher:{t}") for t in ("prism", "quill", "vellum")}) == 3
-    assert synpic.derive_seed("abc", "teacher:prism", 1) != a
+    a = prompt_sources.derive_seed("abc", "teacher:prism")
+    assert a == prompt_sources.derive_seed("abc", "teacher:prism") and 0 <= a < 2**31
+    assert len({prompt_sources.derive_seed("abc", f"teacher:{t}") for t in ("prism", "quill", "vellum")}) == 3
+    assert prompt_sources.derive_seed("abc", "teacher:prism", 1) != a
 
 
 def test_check_resources_guards_the_two_cpu_deadlock():
-    cfg = synpic.shapes_cpu()  # 5 generators at 0.25 CPU + 4 rewards at 0.125, label task 0.25: 2.0 CPUs
+    cfg = synpic_config.shapes_cpu()  # 5 generators at 0.25 CPU + 4 rewards at 0.125, label task 0.25: 2.0 CPUs
     synpic.check_resources(cfg, cpus=2, gpus=0)
     two = replace(cfg, generators=replace(cfg.generators, pool_size=2))  # 10 * 0.25 + 4 * 0.125 + 0.25 = 3.25
     with pytest.raises(ValueError, match="need 3.25 CPUs"):
@@ -406,7 +403,7 @@ def test_check_resources_guards_the_two_cpu_deadlock():
 
 
 def test_pool_sizes_widen_one_generator_pool():
-    cfg = synpic.shapes_cpu()  # specs: 4 teachers, then checkpoint:shipped
+    cfg = synpic_config.shapes_cpu()  # specs: 4 teachers, then checkpoint:shipped
     g = replace(cfg.generators, pool_sizes=(1, 1, 1, 1, 3))
     assert [g.pool_size_of(k) for k in range(5)] == [1, 1, 1, 1, 3]
     assert [cfg.generators.pool_size_of(k) for k in range(5)] == [1] * 5

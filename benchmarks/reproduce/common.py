@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 from raypref import evolve as E  # noqa: E402
 from raypref import train as T  # noqa: E402
+from raypref.lora import fold_lora  # noqa: E402
 from raypref.prefdata import decode_png  # noqa: E402
 
 
@@ -30,22 +31,27 @@ class Sampler:
 
 
 def train_lora(rows: list[dict], base: str, loss: dict, *, steps: int, lr: float, batch_size: int, seed: int,
-               sft_weight: float = 0.0, lora: bool = True, cfg_dropout: float = 0.0):
+               sft_weight: float = 0.0, lora: bool = True, cfg_dropout: float = 0.0, max_seconds: float = 0.0):
     """LoRA (rank 16, the driver's targets; or full fine-tuning with ``lora=False``) trained in this
-    process on preference-layout ``rows`` (K = 1 rows for SFT); returns (the adapter with the LoRA
-    folded in, the last step's metrics)."""
+    process on preference-layout ``rows`` (K = 1 rows for SFT) for ``steps`` steps, or fewer where
+    ``max_seconds`` > 0 runs out first; returns (the adapter with the LoRA folded in, the last step's
+    metrics)."""
+    import time
+
     base_cfg = E._train_cfg("dpo", steps, lr, batch=batch_size, lora=lora)
     loss = {"sft_weight": sft_weight, **loss}
     cfg = replace(base_cfg, model=replace(base_cfg.model, path=base, lora_seed=seed),
                   loss=replace(base_cfg.loss, **loss), data=replace(base_cfg.data, seed=seed, cfg_dropout=cfg_dropout))
     state = T.build_state(cfg)
     rng = np.random.default_rng(seed)
-    metrics = {}
+    metrics, start = {}, time.time()
     for _ in range(steps):
+        if max_seconds and time.time() - start >= max_seconds:
+            break
         batch = [rows[i] for i in rng.choice(len(rows), size=batch_size, replace=len(rows) < batch_size)]
         metrics = T.train_step(state, [batch]) or metrics
     if lora:
-        T.fold_lora(state.pipe.denoiser)
+        fold_lora(state.pipe.denoiser)
     state.pipe.denoiser.eval()
     return state.pipe, metrics
 
@@ -115,7 +121,7 @@ def setup(args) -> tuple[Path, str, Path, dict]:
     """Threads, the output dir, the starting checkpoint -> (out, base, results.json path, finished runs)."""
     import torch
 
-    from raypref.generators import resolve_checkpoint
+    from raypref.checkpoints import resolve_checkpoint
 
     torch.set_num_threads(args.threads)
     out = Path(args.out).expanduser().resolve()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler, add_run_args, fmt, save_results, setup, train_lora  # noqa: E402
 
 from raypref import director as D  # noqa: E402
-from raypref import train as T  # noqa: E402
+from raypref.checkpoints import load_model  # noqa: E402
 from raypref.config import merge  # noqa: E402
 from raypref.generators import PipelineGenerator  # noqa: E402
 from raypref.shapes.evaluate import run_eval  # noqa: E402
@@ -89,7 +89,7 @@ def director_set(budget: float, seed: int, error: float, base: str, args) -> tup
     capped by what is left), or a round adds nothing -> (SFT rows, stats)."""
     cfg = director_cfg(seed, error, args.init_per_category)
     teachers = D.build_teachers(cfg)
-    judge = D.build_judge(cfg)
+    judge = cfg.judge.build()
     ds = D.build_initial_set(cfg, teachers, judge)
     gen = PipelineGenerator(base, num_inference_steps=args.sample_steps, guidance_scale=3.0)
     rounds = 0
@@ -147,7 +147,7 @@ def teachers_part(args, base: str, out: Path, results: dict, rpath: Path) -> Non
             continue
         cfg = director_cfg(seed, args.judge_errors[0], args.tournament_per_category, init_teacher="tournament")
         teachers = D.build_teachers(cfg)
-        ds = D.build_initial_set(cfg, teachers, D.build_judge(cfg))
+        ds = D.build_initial_set(cfg, teachers, cfg.judge.build())
         rates = D.selection_rates(ds.stats)
         overall = {t: float(np.mean([v for v in rates.get(t, {}).values() if v == v] or [0.0])) for t in TEACHERS}
         best = max(TEACHERS, key=lambda t: overall[t])
@@ -278,7 +278,7 @@ def main(argv=None) -> dict:
     out, base, rpath, results = setup(args)
     t0 = time.time()
     if "start" not in results:
-        results["start"] = [run_eval(Sampler(T.load_model(base), "start", args.sample_steps), args.n_per_category,
+        results["start"] = [run_eval(Sampler(load_model(base), "start", args.sample_steps), args.n_per_category,
                                      args.eval_seed, out / "eval_start")]
         save_results(rpath, results)
     if "efficiency" in args.parts:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import random
 import sys
@@ -32,23 +31,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler, fmt, load_results, names, save_results, subset_scores, train_lora  # noqa: E402
 
-from raypref import ospo as O  # noqa: E402
-from raypref.generators import PipelineGenerator, resolve_checkpoint  # noqa: E402
+from raypref import ospo, ospo_config, perturbation  # noqa: E402
+from raypref.checkpoints import resolve_checkpoint  # noqa: E402
+from raypref.generators import PipelineGenerator  # noqa: E402
 from raypref.prefdata import to_table  # noqa: E402
 from raypref.shapes.evaluate import run_eval  # noqa: E402
 from raypref.shapes.grammar import parse  # noqa: E402
 
 
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def build(cfg: O.OSPOConfig) -> list[dict]:
-    scorer = O.VQAScorer(cfg.judge.backend, cfg.filter.yes_threshold, **cfg.judge.kwargs())
-    rows, _, summary = _job("build_ospo").build_round(cfg, cfg.generate.generator, scorer)
+def build(cfg: ospo_config.OSPOConfig) -> list[dict]:
+    scorer = ospo.VQAScorer(cfg.judge.backend, cfg.filter.yes_threshold, **cfg.judge.kwargs())
+    rows, _, summary = ospo.build_round(cfg, cfg.generate.generator, scorer)
     print(json.dumps({"mode": cfg.run.mode, **{k: v for k, v in summary.items() if not isinstance(v, list)}},
                      default=str), flush=True)
     return rows
@@ -89,9 +82,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="shipped", help="starting checkpoint ('shipped' or a pipeline dir)")
     ap.add_argument("--out", default="outputs/ospo_vs_naive")
     ap.add_argument("--per-category", type=int, default=16, help="OSPO/naive prompts per category")
-    ap.add_argument("--categories", nargs="+", default=list(O.PromptSection.categories),
+    ap.add_argument("--categories", nargs="+", default=list(ospo_config.PromptSection.categories),
                     help="grammar categories of the OSPO and naive prompts (e.g. the targeted: position color_attr)")
-    ap.add_argument("--slots", type=int, default=O.GenerateSection.slots,
+    ap.add_argument("--slots", type=int, default=ospo_config.GenerateSection.slots,
                     help="OSPO seeds per prompt: more slots find a passing chosen image for more hard prompts")
     ap.add_argument("--exclude-word", default="",
                     help="leave out base prompts naming this word (e.g. 'square', a shape the model cannot draw) "
@@ -121,12 +114,12 @@ def main(argv=None) -> dict:
     for seed in args.seeds:
         if any(r.get("seed_train") == seed for r in table.get("ospo", [])):
             continue
-        cfg = O.shapes_cpu()
+        cfg = ospo_config.shapes_cpu()
         prompts = dataclasses.replace(cfg.prompts, per_category=args.per_category, seed=seed,
                                       categories=tuple(args.categories))
         if args.exclude_word:  # the same grammar draw, as a prompt file without the word
             path = out / f"prompts_s{seed}.txt"
-            kept = [p for c in args.categories for p in O.grammar_prompts([c], 8 * args.per_category, seed)
+            kept = [p for c in args.categories for p in perturbation.grammar_prompts([c], 8 * args.per_category, seed)
                     if not names(p, args.exclude_word)]
             per_cat = {c: [p for p in kept if parse(p).category == c][:args.per_category] for c in args.categories}
             path.write_text("\n".join(p for c in args.categories for p in per_cat[c]) + "\n")

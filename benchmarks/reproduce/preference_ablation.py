@@ -39,10 +39,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (Sampler, add_run_args, fmt, save_results, score_eval_dir,  # noqa: E402
-                    setup, train_lora, win_rate)
+from common import Sampler, add_run_args, fmt, save_results, score_eval_dir, setup, train_lora, win_rate  # noqa: E402
 
-from raypref import train as T  # noqa: E402
+from raypref.checkpoints import load_model  # noqa: E402
 from raypref.prefdata import relabel  # noqa: E402
 from raypref.shapes.evaluate import run_eval  # noqa: E402
 
@@ -159,7 +158,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     start_dir = out / "eval_start"
     if "start" not in results:
-        score = run_eval(Sampler(T.load_model(base), "start", args.sample_steps), args.n_per_category,
+        score = run_eval(Sampler(load_model(base), "start", args.sample_steps), args.n_per_category,
                          args.eval_seed, start_dir)
         results["start"] = [score]
     start_scores = score_eval_dir(start_dir, rewards)

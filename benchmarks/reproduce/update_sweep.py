@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Sampler, load_results, save_results, subset_scores, train_lora  # noqa: E402
 
-from raypref.generators import PipelineGenerator, resolve_checkpoint  # noqa: E402
+from raypref.checkpoints import resolve_checkpoint  # noqa: E402
+from raypref.generators import PipelineGenerator  # noqa: E402
 from raypref.prefdata import encode_png, make_row, prompt_id  # noqa: E402
 from raypref.shapes.detect import passes  # noqa: E402
 from raypref.shapes.evaluate import run_eval  # noqa: E402

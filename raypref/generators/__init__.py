@@ -8,11 +8,9 @@ Specs name them on the command line: ``teacher:NAME``, ``checkpoint:PATH`` (or `
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-SHIPPED_BASE = Path(__file__).resolve().parent.parent / "assets" / "shapes-base"
+from raypref.checkpoints import resolve_checkpoint
 
 
 class TeacherGenerator:
@@ -29,16 +27,6 @@ class TeacherGenerator:
 
     def __call__(self, batch: dict) -> dict:
         return _add_images(batch, self.generate(batch["prompt"], batch["seed"]), self.name)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """``shipped`` -> the packaged base model; a Ray Train checkpoint dir -> its ``pipeline/``."""
-    p = SHIPPED_BASE if str(path) == "shipped" else Path(path).expanduser()
-    if (p / "pipeline" / "model_index.json").exists():
-        p = p / "pipeline"
-    if not (p / "model_index.json").exists():
-        raise ValueError(f"no diffusers pipeline (model_index.json) at {p}")
-    return p
 
 
 class PipelineGenerator:

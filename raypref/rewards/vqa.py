@@ -1,6 +1,6 @@
 """VQA reward: a judge (VLM) answers the prompt's yes/no questions about the image (DSG / VQAScore style).
 
-Score = mean p(yes) over the questions the judge derives from the prompt. Any ``raypref.judge``
+Score = mean p(yes) over the questions the judge derives from the prompt. Any ``raypref.judges``
 backend works: ``shapes`` (the analytic judge; ``error_rate`` simulates a weak VLM), ``openai`` (a
 served VLM behind an OpenAI-compatible endpoint) or ``transformers`` (a local VLM). It differs from
 ``faithfulness`` in what it sees: the judge's questions and answers, errors included, not the
@@ -21,8 +21,8 @@ class VQAReward:
                  device: str = "cpu", **judge_kwargs):
         """``model_path``: a local VLM directory (the ``transformers`` judge); without it the analytic
         ``shapes`` judge, by default wrong on 10 % of answers (``error_rate``), like a fair VLM.
-        ``judge`` / ``judge_kwargs`` pick any backend of ``raypref.judge.JUDGES`` explicitly."""
-        from raypref.judge import build_judge
+        ``judge`` / ``judge_kwargs`` pick any backend of ``raypref.judges.JUDGES`` explicitly."""
+        from raypref.judges import build_judge
 
         self.name = check_name(name)
         if judge is None:

@@ -2,7 +2,16 @@
 
 from raypref.shapes.detect import Detection, check_results, detect, passes, shapes_eval
 from raypref.shapes.grammar import (
-    CATEGORIES, COLORS, PALETTE, RELATIONS, SHAPES, Obj, Scene, all_prompts, eval_prompts, parse,
+    CATEGORIES,
+    COLORS,
+    PALETTE,
+    RELATIONS,
+    SHAPES,
+    Obj,
+    Scene,
+    all_prompts,
+    eval_prompts,
+    parse,
     sample_prompts,
 )
 from raypref.shapes.render import render

@@ -60,7 +60,7 @@ def save(model, out_dir: str | Path) -> Path:
 def train(out_dir: str | Path, steps: int = 1500, batch_size: int = 128, lr: float = 1e-3,
           pool_size: int = 20000, teacher: str = "clean", seed: int = 0, log_every: int = 100) -> dict:
     """Contrastive (InfoNCE) training on (prompt, teacher render) pairs; saves to ``out_dir``."""
-    from raypref.pretrain import render_pool
+    from raypref.shapes.teachers import render_pool
 
     model, tokenizer = build_model(seed)
     prompts, images = render_pool(teacher, pool_size, 32, (3, 7), seed)

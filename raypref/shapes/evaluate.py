@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from raypref.files import atomic_write
 from raypref.shapes.detect import shapes_eval
 from raypref.shapes.grammar import CATEGORIES, sample_prompts
 
@@ -52,8 +52,8 @@ def write_eval_dir(out_dir, items, images, passed, scores) -> None:
         rel = f"images/{k:05d}_{cat}.png"
         (out / rel).write_bytes(encode_png(im))
         lines.append(json.dumps({"prompt": prompt, "category": cat, "image": rel, "seed": s, "passed": bool(ok)}))
-    _atomic_write(out / "manifest.jsonl", "\n".join(lines) + "\n")
-    _atomic_write(out / "scores.json", json.dumps(scores, indent=1) + "\n")
+    atomic_write(out / "manifest.jsonl", "\n".join(lines) + "\n")
+    atomic_write(out / "scores.json", json.dumps(scores, indent=1) + "\n")
 
 
 def rescore_dir(out_dir) -> dict:
@@ -82,9 +82,3 @@ def format_table(scores: dict) -> str:
         lines.append("\nshape drawn, of the prompts naming it: "
                      + ", ".join(f"{k} {v:.2f}" for k, v in scores["shapes"].items()))
     return "\n".join(lines)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

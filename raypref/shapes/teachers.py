@@ -14,12 +14,13 @@ so over consecutive seeds the measured rate converges like 1/n rather than 1/sqr
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from raypref.shapes.detect import passes
-from raypref.shapes.grammar import CATEGORIES, COLORS, NUMBERS, RELATIONS, SHAPES, Obj, Scene, parse
+from raypref.shapes.grammar import CATEGORIES, COLORS, RELATIONS, SHAPES, Obj, Scene, parse, sample_prompts
 from raypref.shapes.render import SIZE_RANGE, layout, rasterize
 
 _GOLDEN = 0.6180339887498949
@@ -171,3 +172,14 @@ class Teacher:
         return out
 
 
+def render_pool(teacher: str, n: int, resolution: int, size_range, seed: int) -> tuple[list[str], np.ndarray]:
+    """n (prompt, image) pairs from a teacher, categories balanced: ([n] prompts, [n, H, W, 3] uint8)."""
+    from raypref.shapes.teachers import Teacher
+
+    per_cat = math.ceil(n / len(CATEGORIES))
+    prompts = [p for c in CATEGORIES for p in sample_prompts(c, per_cat, seed)]
+    order = np.random.default_rng(seed).permutation(len(prompts))[:n]
+    prompts = [prompts[i] for i in order]
+    t = Teacher(teacher, size=resolution, size_range=tuple(size_range))
+    images = t.generate(prompts, [seed * 10_000_019 + i for i in range(n)])
+    return prompts, images

@@ -1,6 +1,6 @@
 """The aligned text-to-image model as a Ray Serve app with an OpenAI-compatible images API.
 
-    from serve.images import build_images_app
+    from raypref.serving.images import build_images_app
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     serve.run(build_images_app("shipped", lora="/ckpt/lora", num_cpus=2), name="images", route_prefix="/")
 
@@ -23,9 +23,9 @@ their images. Errors use OpenAI's shape ``{"error": {"message", "type", "param",
 400 bad field, 401 bad or missing bearer token (when ``api_key`` is set), 404 unknown model,
 413 body over ``max_body_kb``. Serve answers 503 once ``max_queued_requests`` are waiting.
 
-Runner: ``python -m serve.images --checkpoint shipped --port 8000`` (binds 127.0.0.1 unless
-``--host``; the API key comes from $RAYPREF_API_KEY), or ``serve run serve.images:app_builder
-checkpoint=shipped num_cpus=2``, or a Serve config entry ``import_path: serve.images:app_builder``
+Runner: ``python -m raypref.serving.images --checkpoint shipped --port 8000`` (binds 127.0.0.1 unless
+``--host``; the API key comes from $RAYPREF_API_KEY), or ``serve run raypref.serving.images:app_builder
+checkpoint=shipped num_cpus=2``, or a Serve config entry ``import_path: raypref.serving.images:app_builder``
 with ``args`` = build_images_app's keyword arguments (see serve/config.yaml).
 """
 
@@ -43,7 +43,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from raypref.judge import encode_png
+from raypref.judges.common import encode_png_b64
 
 DEFAULT_MODEL_NAME = "raypref-images"
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
@@ -123,11 +123,9 @@ def validate_request(payload, *, size: tuple[int, int], max_n: int, model_name: 
 
 
 def model_size(model) -> tuple[int, int]:
-    """(width, height) the model generates: ShapesPipeline's ``resolution`` or an adapter's ``default_size``."""
-    if hasattr(model, "default_size"):
-        h, w = model.default_size()
-        return int(w), int(h)
-    return int(model.resolution), int(model.resolution)
+    """(width, height) the model adapter generates by default."""
+    h, w = model.default_size()
+    return int(w), int(h)
 
 
 def resolve_lora(path: str | os.PathLike) -> Path:
@@ -142,17 +140,16 @@ def resolve_lora(path: str | os.PathLike) -> Path:
 
 def load_model(checkpoint: str, lora: str | None = None, device: str = "cpu"):
     """Checkpoint ("shipped", a pipeline dir or a Ray Train checkpoint) [+ LoRA] -> model adapter."""
-    from raypref.generators import resolve_checkpoint
+    from raypref.checkpoints import resolve_checkpoint
     from raypref.models import load_adapter
 
     model = load_adapter(str(resolve_checkpoint(checkpoint)), device=device)
     if lora:
         path = str(resolve_lora(lora))
-        pipe = getattr(model, "pipe", model)  # adapters wrap the stock pipeline; ShapesPipeline is its own
-        if hasattr(pipe, "load_lora_weights"):  # SD/SDXL/SD3/shapes: denoiser and any text-encoder LoRA
-            pipe.load_lora_weights(path)
+        if hasattr(model.pipe, "load_lora_weights"):  # SD/SDXL/SD3 (shapes): denoiser and any text-encoder LoRA
+            model.pipe.load_lora_weights(path)
         else:  # PixArt pipelines have no LoRA loader mixin: raypref's peft injection from the same file
-            from raypref.train import load_lora
+            from raypref.lora import load_lora
 
             load_lora(model, path)
     return model
@@ -246,7 +243,7 @@ class ImagesDeployment:
             images = await self._batched((prompt, seeds))
         except Exception as e:  # the model failed: 500 in the same shape, the replica keeps serving
             return APIError(500, f"image generation failed: {type(e).__name__}: {e}", type="server_error").response()
-        data = [{"b64_json": encode_png(im)} for im in images]
+        data = [{"b64_json": encode_png_b64(im)} for im in images]
         return JSONResponse(
             {"created": int(time.time()), "data": data, "size": f"{self.size[0]}x{self.size[1]}",
              "output_format": "png"},
@@ -331,8 +328,8 @@ def build_images_app(
 
 
 def app_builder(args: dict):
-    """Serve entry point (``serve run serve.images:app_builder checkpoint=shipped num_cpus=2`` or
-    ``import_path: serve.images:app_builder`` in a config file). ``serve run`` passes every value as a
+    """Serve entry point (``serve run raypref.serving.images:app_builder checkpoint=shipped num_cpus=2`` or
+    ``import_path: raypref.serving.images:app_builder`` in a config file). ``serve run`` passes every value as a
     string: pydantic's validate_call converts them to build_images_app's annotated types and rejects
     unknown names."""
     from pydantic import validate_call

@@ -1,6 +1,6 @@
 """The VLM judge as a Ray Serve deployment, with dynamic batching and autoscaling.
 
-    from serve.judge import build_judge_app
+    from raypref.serving.judge import build_judge_app
     handle = serve.run(build_judge_app("shapes", {"error_rate": 0.1}, num_cpus=1), name="judge",
                        route_prefix="/judge")
     handle.discriminate.remote(prompt, [img_a, img_b]).result()   # from the driver or any Ray task
@@ -16,7 +16,7 @@ Over HTTP (JSON, images as base64 PNG, optionally as data URLs), POST to ``<rout
 
 Malformed requests get a 4xx with {"error": why}; the replica keeps serving. Requests of all ops
 share one ``@serve.batch`` queue; a batch is split by op and each part goes to the judge's batch
-form. As a Serve config entry: ``import_path: serve.judge:app_builder`` with ``args`` =
+form. As a Serve config entry: ``import_path: raypref.serving.judge:app_builder`` with ``args`` =
 build_judge_app's keyword arguments.
 """
 
@@ -30,7 +30,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from raypref.judge import build_judge, check_image, decode_png
+from raypref.judges import build_judge
+from raypref.judges.common import check_image, decode_png_b64
 
 OPS = ("discriminate", "vqa", "questions", "expand", "mutate")
 
@@ -51,7 +52,7 @@ def _str_list(payload: dict, key: str) -> list[str]:
 
 def _image(x, where: str) -> np.ndarray:
     try:
-        return check_image(decode_png(x) if isinstance(x, str) else x)
+        return check_image(decode_png_b64(x) if isinstance(x, str) else x)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -223,5 +224,5 @@ def build_judge_app(
 
 
 def app_builder(args: dict):
-    """Serve config-file entry point (``import_path: serve.judge:app_builder``)."""
+    """Serve config-file entry point (``import_path: raypref.serving.judge:app_builder``)."""
     return build_judge_app(**args)

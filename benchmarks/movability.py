@@ -1,0 +1,121 @@
+"""Can on-policy DPO move the shipped shapes model? The precondition for every alignment result.
+
+For each seed: sample the start model on training prompts (disjoint from ShapesEval's prompts and
+seeds), label its own samples with the faithfulness reward (1.0 exactly when ShapesEval passes),
+pair a passing sample with a failing one of the same prompt, and train LoRA Diffusion-DPO in this
+process for at most ``--minutes``; then ShapesEval before and after on the same 300 eval images.
+
+    .venv/bin/python benchmarks/movability.py --out outputs/movability
+
+Writes every evaluated model's images as a shapes-eval directory (``before/``, ``after_s{seed}/``),
+``results.json`` (a re-run skips finished seeds), and prints ``movability: mean gain X, min gain Y``
+as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "reproduce"))
+from common import Sampler, fmt, load_results, save_results, train_lora  # noqa: E402
+
+from raypref.checkpoints import resolve_checkpoint  # noqa: E402
+from raypref.generators import PipelineGenerator  # noqa: E402
+from raypref.prefdata import make_row  # noqa: E402
+from raypref.shapes.evaluate import run_eval  # noqa: E402
+from raypref.shapes.grammar import CATEGORIES, sample_prompts  # noqa: E402
+from raypref.shapes.score import faithfulness  # noqa: E402
+
+
+def onpolicy_pairs(gen, per_category: int, samples: int, seed: int, max_pairs_per_prompt: int = 2) -> tuple[list, dict]:
+    """DPO rows (winner: a sample scoring 1.0, loser: one scoring below) from ``samples`` own samples
+    of ``per_category`` training prompts per category; -> (rows, stats)."""
+    prompts, cats, seeds = [], [], []
+    for ci, c in enumerate(CATEGORIES):
+        for j, p in enumerate(dict.fromkeys(sample_prompts(c, per_category, 777 + seed))):
+            for k in range(samples):  # seeds far from ShapesEval's
+                prompts.append(p), cats.append(c)
+                seeds.append(900_000_000 + seed * 10_000_000 + ci * 100_000 + j * 100 + k)
+    images = np.concatenate([gen.generate(prompts[i:i + 64], seeds[i:i + 64]) for i in range(0, len(prompts), 64)])
+    score = np.array([faithfulness(p, im) for p, im in zip(prompts, images)])
+    rows, by_prompt = [], {}
+    for i, p in enumerate(prompts):
+        by_prompt.setdefault(p, []).append(i)
+    for p, idx in by_prompt.items():
+        wins = [i for i in idx if score[i] == 1.0]
+        fails = sorted((i for i in idx if score[i] < 1.0), key=lambda i: score[i])  # clearest failures first
+        for w, f in list(zip(wins, fails))[:max_pairs_per_prompt]:
+            rows.append(make_row(p, cats[w], [images[w], images[f]], ["self", "self"], [seeds[w], seeds[f]],
+                                 ["faithfulness"], [[1.0, float(score[f])]], [1.0, 0.0], [1, 2], [(0, 1, 1, 0)]))
+    return rows, {"samples": len(prompts), "own_pass_rate": float((score == 1.0).mean()), "pairs": len(rows)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="shipped", help="starting checkpoint ('shipped' or a pipeline dir)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--minutes", type=float, default=5.0, help="training time cap per seed (sampling excluded)")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--beta", type=float, default=None, help="loss.beta (default: the trainer's)")
+    ap.add_argument("--batch-size", type=int, default=16, help="pairs per step")
+    ap.add_argument("--per-category", type=int, default=40, help="training prompts per category")
+    ap.add_argument("--samples", type=int, default=4, help="own samples per training prompt")
+    ap.add_argument("--n-per-category", type=int, default=50, help="ShapesEval prompts per category")
+    ap.add_argument("--sample-steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rpath = out / "results.json"
+    results = load_results(rpath)
+    base = str(resolve_checkpoint(args.model))
+    gen = PipelineGenerator(base, num_inference_steps=args.sample_steps, guidance_scale=3.0)
+    if "before" not in results:
+        results["before"] = run_eval(gen, args.n_per_category, 0, out / "before")
+        save_results(rpath, results)
+    before = results["before"]["overall"]
+    print(f"before: ShapesEval {before:.3f} " + json.dumps(results["before"]["shapes"]), flush=True)
+    loss = {"method": "dpo", **({"beta": args.beta} if args.beta is not None else {})}
+    for seed in args.seeds:
+        key = f"s{seed}"
+        if key in results:
+            continue
+        t0 = time.time()
+        rows, stats = onpolicy_pairs(gen, args.per_category, args.samples, seed)
+        sample_s = time.time() - t0
+        t0 = time.time()
+        model, metrics = train_lora(rows, base, loss, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                    seed=seed, max_seconds=args.minutes * 60)
+        train_s = time.time() - t0
+        after = run_eval(Sampler(model, f"dpo_{key}", steps=args.sample_steps), args.n_per_category, 0,
+                         out / f"after_{key}")
+        results[key] = {**after, **stats, "sample_seconds": sample_s, "train_seconds": train_s,
+                        "steps": metrics.get("step"), "gain": after["overall"] - before, "last_metrics": metrics}
+        save_results(rpath, results)
+        print(f"seed {seed}: {stats['pairs']} pairs (own pass rate {stats['own_pass_rate']:.2f}, sampled in "
+              f"{sample_s:.0f} s), {metrics.get('step')} steps in {train_s:.0f} s: ShapesEval {before:.3f} -> "
+              f"{after['overall']:.3f} " + json.dumps(after["shapes"]), flush=True)
+    gains = [results[f"s{s}"]["gain"] for s in args.seeds]
+    print("| model | " + " | ".join(CATEGORIES) + " | overall |")
+    print("|" + "---|" * (len(CATEGORIES) + 2))
+    for key in ["before", *[f"s{s}" for s in args.seeds]]:
+        r = results[key]
+        print(f"| {key} | " + " | ".join(f"{r['categories'][c]:.2f}" for c in CATEGORIES) + f" | {r['overall']:.3f} |")
+    print(f"gain over seeds: {fmt(gains)}")
+    print(f"movability: mean gain {np.mean(gains):.3f}, min gain {min(gains):.3f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
