@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-import raypref.train as T
+from raypref import heldout, train, train_config, train_state
 from raypref.labels import consensus_pairs, ranking, synpic_phi
 from raypref.prefdata import make_row
 from raypref.shapes.grammar import CATEGORIES, sample_prompts
@@ -57,27 +57,29 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     train_prompts = [p for c in CATEGORIES for p in sample_prompts(c, args.n_train, seed=11)]
-    test_prompts = [p for c in CATEGORIES for p in sample_prompts(c, args.n_test, seed=12) if p not in set(train_prompts)]
+    test_prompts = [
+        p for c in CATEGORIES for p in sample_prompts(c, args.n_test, seed=12) if p not in set(train_prompts)
+    ]
     train_rows, test_rows = synpic_rows(train_prompts, 1), synpic_rows(test_prompts, 2)
     print(f"{len(train_rows)} training rows, {len(test_rows)} held-out rows (K = 4, 2 rewards)")
     print("| method | steps | held-out pairs | accuracy before | accuracy after | margin after | s |")
     print("|---|---|---|---|---|---|---|")
-    for method in T.METHODS:
-        cfg = T.shapes_cpu()
+    for method in train_config.METHODS:
+        cfg = train_config.shapes_cpu()
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=args.model, lora=True),
             loss=dataclasses.replace(cfg.loss, method=method),
             optim=dataclasses.replace(cfg.optim, lr=args.lr, batch_size=args.batch_size, warmup_steps=5,
                                       max_steps=args.steps))
-        state = T.build_state(cfg)
+        state = train_state.build_state(cfg)
         pairs = "consensus" if method == "balanced" else "best_worst"
-        before = T.heldout_accuracy(state, test_rows, n_draws=8, pairs=pairs)
+        before = heldout.heldout_accuracy(state, test_rows, n_draws=8, pairs=pairs)
         t0 = time.time()
         rows = train_rows if method != "balanced" else [r for r in train_rows if r["pairs"]]
         for step in range(args.steps):
             k = (step * args.batch_size) % len(rows)
-            T.train_step(state, [(rows + rows)[k:k + args.batch_size]])
-        after = T.heldout_accuracy(state, test_rows, n_draws=8, pairs=pairs)
+            train.train_step(state, [(rows + rows)[k:k + args.batch_size]])
+        after = heldout.heldout_accuracy(state, test_rows, n_draws=8, pairs=pairs)
         print(f"| {method} | {args.steps} | {after['pairs']} | {before['accuracy']:.3f} | {after['accuracy']:.3f} "
               f"| {after['margin']:.3f} | {time.time() - t0:.0f} |", flush=True)
 

@@ -33,7 +33,9 @@ from raypref.shapes.grammar import CATEGORIES, sample_prompts  # noqa: E402
 from raypref.shapes.score import faithfulness  # noqa: E402
 
 
-def onpolicy_pairs(gen, per_category: int, samples: int, seed: int, max_pairs_per_prompt: int = 2) -> tuple[list, dict]:
+def onpolicy_pairs(
+    gen, per_category: int, samples: int, seed: int, max_pairs_per_prompt: int = 2
+) -> tuple[list, dict]:
     """DPO rows (winner: a sample scoring 1.0, loser: one scoring below) from ``samples`` own samples
     of ``per_category`` training prompts per category; -> (rows, stats)."""
     prompts, cats, seeds = [], [], []

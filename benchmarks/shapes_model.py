@@ -80,11 +80,19 @@ def main() -> None:
     model.generate(gen_prompts, list(range(args.gen_images)), num_inference_steps=args.gen_steps, guidance_scale=3.0)
     gen_s = time.perf_counter() - t0
     count = lambda *ms: sum(p.numel() for m in ms for p in m.parameters())  # noqa: E731
-    print(f"model {args.size}: UNet {count(pipe.unet) / 1e6:.2f} M, text encoder {count(pipe.text_encoder) / 1e6:.2f} M, "
-          f"VAE {count(vae) / 1e6:.2f} M params; {res} px, latents {tuple(x0.shape[1:])}, threads {args.threads}")
+    print(
+        f"model {args.size}: UNet {count(pipe.unet) / 1e6:.2f} M, "
+        f"text encoder {count(pipe.text_encoder) / 1e6:.2f} M, "
+        f"VAE {count(vae) / 1e6:.2f} M params; {res} px, latents {tuple(x0.shape[1:])}, threads {args.threads}"
+    )
     print(f"pretraining VAE: {len(half) / vae_s:.1f} samples/s ({vae_s:.3f} s per step of {len(half)})")
-    print(f"pretraining denoiser: {args.batch_size / unet_s:.1f} samples/s ({unet_s:.3f} s per step of {args.batch_size})")
-    print(f"generation: {args.gen_images / gen_s:.2f} images/s ({args.gen_steps} steps, CFG 3, batch {args.gen_images})")
+    print(
+        f"pretraining denoiser: {args.batch_size / unet_s:.1f} samples/s "
+        f"({unet_s:.3f} s per step of {args.batch_size})"
+    )
+    print(
+        f"generation: {args.gen_images / gen_s:.2f} images/s ({args.gen_steps} steps, CFG 3, batch {args.gen_images})"
+    )
 
 
 if __name__ == "__main__":

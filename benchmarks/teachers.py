@@ -28,7 +28,11 @@ def main() -> None:
         s = run_eval(t, args.n_per_category, args.seed)
         dev = max(abs(s["categories"][c] - prof.pass_rate(c)) for c in CATEGORIES)
         cells = [f"{s['categories'][c]:.3f} ({prof.pass_rate(c):.2f})" for c in CATEGORIES]
-        print(f"| {name} | " + " | ".join(cells) + f" | {s['overall']:.3f} | {dev:.3f} | {prof.cost:g} | {time.time() - t0:.1f} |")
+        print(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {s['overall']:.3f} | {dev:.3f} | {prof.cost:g} | {time.time() - t0:.1f} |"
+        )
 
 
 if __name__ == "__main__":

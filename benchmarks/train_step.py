@@ -37,26 +37,26 @@ def _rows(n: int, k: int, resolution: int) -> list[dict]:
 def _run(method: str, k: int, lora: bool, args, out: mp.Queue) -> None:
     import torch
 
-    from raypref import train as T
+    from raypref import train, train_config, train_state
     from raypref.models import SD15Adapter
     from raypref.shapes.model import build_pipeline, model_size
 
     torch.set_num_threads(args.threads)
     pipe = SD15Adapter(build_pipeline(args.size, seed=0))
     rows = _rows(args.batch_size, k, model_size(args.size).resolution)
-    cfg = T.shapes_cpu()
+    cfg = train_config.shapes_cpu()
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, lora=lora),
         loss=dataclasses.replace(cfg.loss, method=method),
         optim=dataclasses.replace(cfg.optim, batch_size=args.batch_size, warmup_steps=0, precision="fp32"),
         run=dataclasses.replace(cfg.run, num_workers=1))
-    state = T.build_state(cfg, pipe=pipe)
+    state = train_state.build_state(cfg, pipe=pipe)
     for _ in range(args.warmup):
-        T.train_step(state, [rows])
+        train.train_step(state, [rows])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     for _ in range(args.steps):
-        T.train_step(state, [rows])
+        train.train_step(state, [rows])
     dt = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     pairs_per_prompt = 1 if method == "dpo" else k * (k - 1) // 2

@@ -113,9 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a fixed ShapesEval prompt set (n per category, seeded), score it by the rules of "
         "shared/shapes_world.md and write DIR/images/*.png, DIR/manifest.jsonl and DIR/scores.json.",
     )
-    p.add_argument("--generator", required=True,
-                   help="teacher:NAME (clean, prism, quill, vellum, zephyr) or checkpoint:PATH "
-                        "(a diffusers pipeline dir, a Ray Train checkpoint dir, or 'shipped' for the packaged base model)")
+    p.add_argument(
+        "--generator",
+        required=True,
+        help="teacher:NAME (clean, prism, quill, vellum, zephyr) or checkpoint:PATH "
+        "(a diffusers pipeline dir, a Ray Train checkpoint dir, or 'shipped' for the packaged base model)",
+    )
     p.add_argument("--n-per-category", type=int, default=50, help="prompts per category (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt set and of the images (default 0)")
     p.add_argument("--out", help="output directory (omit to only print the table)")

@@ -95,10 +95,28 @@ def check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def describe(cfg, prefix: str = "") -> list[str]:
+    """One line per config field: ``section.key = value  (help)``, the help from the field's
+    ``metadata={"help": ...}``; nested sections are walked."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines += describe(value, key + ".")
+        else:
+            help_ = f.metadata.get("help", "")
+            lines.append(f"  {key} = {value!r}" + (f"  ({help_})" if help_ else ""))
+    return lines
+
+
 def job_parser(description: str, presets: dict) -> argparse.ArgumentParser:
     """The command line every job shares: ``--preset``, ``--config FILE.yaml`` and trailing
-    ``section.key=value`` overrides (jobs add their own options to it)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ``section.key=value`` overrides (jobs add their own options to it). ``--help`` lists every config
+    key with its value in the first preset and its help."""
+    first = next(iter(presets))
+    epilog = f"config keys (values of --preset {first}):\n" + "\n".join(describe(presets[first]()))
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="shapes_cpu", choices=sorted(presets), help="starting config")
     parser.add_argument("--config", help="YAML file applied over the preset")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied last")

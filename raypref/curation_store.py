@@ -75,11 +75,22 @@ def make_rows(prompts, images, teachers, seeds, round_added, origins, parents, c
     if bad:
         raise ValueError(f"unknown origin {bad[0]!r}; expected one of {ORIGINS}")
     categories = categories or [category_of(p) for p in prompts]
-    return [{
-        "sample_id": f"r{round_added:04d}-{start + i:06d}", "prompt": str(p), "category": c,
-        "image": im if isinstance(im, bytes) else encode_png(im), "teacher": str(t), "seed": int(s),
-        "round_added": int(round_added), "origin": o, "parent": str(par),
-    } for i, (p, im, t, s, o, par, c) in enumerate(zip(prompts, images, teachers, seeds, origins, parents, categories))]
+    return [
+        {
+            "sample_id": f"r{round_added:04d}-{start + i:06d}",
+            "prompt": str(p),
+            "category": c,
+            "image": im if isinstance(im, bytes) else encode_png(im),
+            "teacher": str(t),
+            "seed": int(s),
+            "round_added": int(round_added),
+            "origin": o,
+            "parent": str(par),
+        }
+        for i, (p, im, t, s, o, par, c) in enumerate(
+            zip(prompts, images, teachers, seeds, origins, parents, categories)
+        )
+    ]
 
 
 def to_table(rows: list[dict]) -> pa.Table:

@@ -152,7 +152,9 @@ def _render_new(items, teachers: dict, judge, ledger: TeacherLedger, stats: dict
         for i, im in zip(idx, images):
             out[i] = (im, name, None)
     if tour:
-        cand = {n: ledger.render(n, [items[i][0] for i in tour], [items[i][3] for i in tour], batch_size) for n in names}
+        cand = {
+            n: ledger.render(n, [items[i][0] for i in tour], [items[i][3] for i in tour], batch_size) for n in names
+        }
         # Offer the teachers' images in an order shuffled per prompt (seeded by the item's seed): a
         # judge that breaks ties to the first image would otherwise credit the first teacher with
         # every tie and bias the selection rates.

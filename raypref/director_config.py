@@ -14,8 +14,10 @@ TEACHER_CHOICES = ("best", "round_robin", "tournament")
 @dataclass(frozen=True)
 class DataSection:
     directory: str = "~/raypref_runs/director/shapes"
-    n_per_category: int = 32  # initial set: prompts per shapes category
-    init_teacher: str = "tournament"  # a teacher name, "mix" (round robin) or "tournament"
+    n_per_category: int = field(default=32, metadata={"help": "initial set: prompts per shapes category"})
+    init_teacher: str = field(
+        default="tournament", metadata={"help": 'a teacher name, "mix" (round robin) or "tournament"'}
+    )
     image_size: int = 32
 
     def __post_init__(self):
@@ -27,14 +29,16 @@ class DataSection:
 @dataclass(frozen=True)
 class RoundSection:
     rounds: int = 10
-    sample_fraction: float = 0.25  # of the set, per round
-    n_expand: int = 2  # new prompts per sample the teacher wins
-    p_mutate: float = 0.2  # probability of a mutation per deleted sample
-    teacher_choice: str = "best"  # who renders a mutated prompt: best | round_robin | tournament
-    dedup: bool = True  # skip new prompts already in the set
-    max_size: int = 0  # stop adding once the set has this many samples (0 = no cap)
-    budget: float = 0.0  # teacher cost allowed per round (0 = no cap)
-    batch_size: int = 64  # prompts per generate() call
+    sample_fraction: float = field(default=0.25, metadata={"help": "of the set, per round"})
+    n_expand: int = field(default=2, metadata={"help": "new prompts per sample the teacher wins"})
+    p_mutate: float = field(default=0.2, metadata={"help": "probability of a mutation per deleted sample"})
+    teacher_choice: str = field(
+        default="best", metadata={"help": "who renders a mutated prompt: best | round_robin | tournament"}
+    )
+    dedup: bool = field(default=True, metadata={"help": "skip new prompts already in the set"})
+    max_size: int = field(default=0, metadata={"help": "stop adding once the set has this many samples (0 = no cap)"})
+    budget: float = field(default=0.0, metadata={"help": "teacher cost allowed per round (0 = no cap)"})
+    batch_size: int = field(default=64, metadata={"help": "prompts per generate() call"})
 
     def __post_init__(self):
         check(self.rounds >= 1, f"round.rounds must be >= 1, got {self.rounds}")
@@ -50,8 +54,10 @@ class RoundSection:
 
 @dataclass(frozen=True)
 class ModelsSection:
-    teachers: tuple[str, ...] = ("prism", "quill", "vellum", "zephyr")  # shapes teacher names or generator specs
-    base: str = "checkpoint:shipped"  # generator spec of the base model
+    teachers: tuple[str, ...] = field(
+        default=("prism", "quill", "vellum", "zephyr"), metadata={"help": "shapes teacher names or generator specs"}
+    )
+    base: str = field(default="checkpoint:shipped", metadata={"help": "generator spec of the base model"})
     base_steps: int = 30
     base_guidance: float = 3.0
     default_teacher_cost: float = field(default=1.0, metadata={"help": "cost per image of a generator that "

@@ -218,8 +218,14 @@ def parse_config(argv: list[str] | None = None) -> EvolveConfig:
 def build_parser(parser=None):
     import argparse
 
+    from raypref.config import describe
+    from raypref.evolve_config import LINKED, shapes_cpu
+
+    keys = [line + ("  [set by the driver]" if line.split(" = ")[0].strip() in LINKED else "")
+            for line in describe(shapes_cpu())]
     parser = parser or argparse.ArgumentParser(
-        prog="evolve_and_train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="evolve_and_train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (values of --preset shapes_cpu):\n" + "\n".join(keys))
     parser.add_argument("--preset", default="shapes_cpu", choices=sorted(PRESETS),
                         help="starting config: shapes_cpu (default; 2-core CPU, shipped base model), "
                              "sdxl_8xh100 / sd3_8xh100 (documented GPU examples)")

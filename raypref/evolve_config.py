@@ -72,10 +72,14 @@ def _is_default(cfg, path: str) -> bool:
 class RunSection:
     name: str = "evolve-shapes"
     output_dir: str = "~/raypref_runs/evolve-shapes"
-    rounds: int = 3  # rounds after round 0 (the evaluation of the starting checkpoint)
-    seed: int = 0  # mixed into the per-round seeds of Syn-Pic / OSPO
-    num_cpus: float = 4.0  # logical CPUs of a LOCAL Ray (ignored with RAY_ADDRESS); > cores is fine
-    report: bool = True  # write report.md after every round
+    rounds: int = field(
+        default=3, metadata={"help": "rounds after round 0 (the evaluation of the starting checkpoint)"}
+    )
+    seed: int = field(default=0, metadata={"help": "mixed into the per-round seeds of Syn-Pic / OSPO"})
+    num_cpus: float = field(
+        default=4.0, metadata={"help": "logical CPUs of a LOCAL Ray (ignored with RAY_ADDRESS); > cores is fine"}
+    )
+    report: bool = field(default=True, metadata={"help": "write report.md after every round"})
     progress: bool = True
 
     def __post_init__(self):
@@ -87,8 +91,13 @@ class RunSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    base: str = "shipped"  # starting checkpoint: 'shipped', a diffusers pipeline dir or a Ray Train checkpoint
-    steps: int = 30  # sampling steps of every checkpoint (director base, Syn-Pic/OSPO, eval, report)
+    base: str = field(
+        default="shipped",
+        metadata={"help": "starting checkpoint: 'shipped', a diffusers pipeline dir or a Ray Train checkpoint"},
+    )
+    steps: int = field(
+        default=30, metadata={"help": "sampling steps of every checkpoint (director base, Syn-Pic/OSPO, eval, report)"}
+    )
     guidance: float = 3.0
 
     def __post_init__(self):
@@ -102,11 +111,15 @@ class JudgeServeSection:
     """The director's judge as a Serve app (backend and its options: ``director.judge``)."""
 
     app_name: str = "evolve-judge"
-    num_cpus: float = 0.25  # per replica; fractional so it never starves training on 2 cores
+    num_cpus: float = field(
+        default=0.25, metadata={"help": "per replica; fractional so it never starves training on 2 cores"}
+    )
     num_gpus: float = 0.0
     replicas: int = 1
     max_batch_size: int = 16
-    proxy_location: str = "Disabled"  # the driver only uses a handle; "HeadOnly" also serves HTTP
+    proxy_location: str = field(
+        default="Disabled", metadata={"help": 'the driver only uses a handle; "HeadOnly" also serves HTTP'}
+    )
 
     def __post_init__(self):
         check(bool(self.app_name), "judge_serve.app_name must not be empty")
@@ -119,7 +132,10 @@ class JudgeServeSection:
 
 @dataclass(frozen=True)
 class PrefsSection:
-    source: str = "synpic"  # synpic (ranked K images; balanced uses its consensus pairs) | ospo (pairs)
+    source: str = field(
+        default="synpic",
+        metadata={"help": "synpic (ranked K images; balanced uses its consensus pairs) | ospo (pairs)"},
+    )
 
     def __post_init__(self):
         check(self.source in PREF_SOURCES, f"prefs.source must be one of {PREF_SOURCES}, got {self.source!r}")
@@ -127,10 +143,12 @@ class PrefsSection:
 
 @dataclass(frozen=True)
 class EvalSection:
-    n_per_category: int = 20  # ShapesEval prompts per category
-    seed: int = 0  # fixed: every round is scored on the same prompts and seeds
+    n_per_category: int = field(default=20, metadata={"help": "ShapesEval prompts per category"})
+    seed: int = field(default=0, metadata={"help": "fixed: every round is scored on the same prompts and seeds"})
     batch_size: int = 64
-    report_prompts: tuple[str, ...] = REPORT_PROMPTS  # the report's before/after grid (same every round)
+    report_prompts: tuple[str, ...] = field(
+        default=REPORT_PROMPTS, metadata={"help": "the report's before/after grid (same every round)"}
+    )
     report_seed: int = 1234
 
     def __post_init__(self):
@@ -170,12 +188,20 @@ SHAPES_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.
 def train_recipe(method: str, steps: int, lr: float, batch: int = 16, cpus: float = 1.0, lora: bool = True,
                rank: int = 16, sft_weight: float = 0.0) -> train_config.TrainConfig:
     return train_config.TrainConfig(
-        model=train_config.ModelSection(lora=lora, lora_rank=rank, lora_alpha=float(rank), lora_targets=SHAPES_LORA_TARGETS),
+        model=train_config.ModelSection(
+            lora=lora, lora_rank=rank, lora_alpha=float(rank), lora_targets=SHAPES_LORA_TARGETS
+        ),
         loss=train_config.LossSection(method=method, sft_weight=sft_weight),
         optim=train_config.OptimSection(lr=lr, warmup_steps=min(10, steps // 5), batch_size=batch, max_steps=steps),
         # max_failures: a worker lost to an overloaded node restarts from the last checkpoint
-        run=TrainRunSection(num_workers=1, cpus_per_worker=cpus, checkpoint_every=steps, log_every=10,
-                         keep_checkpoints=1, max_failures=2),
+        run=TrainRunSection(
+            num_workers=1,
+            cpus_per_worker=cpus,
+            checkpoint_every=steps,
+            log_every=10,
+            keep_checkpoints=1,
+            max_failures=2,
+        ),
     )
 
 
@@ -193,7 +219,9 @@ def shapes_cpu() -> EvolveConfig:
         model=ModelSection(steps=20, guidance=3.0),
         director=director_config.DirectorConfig(
             data=director_config.DataSection(n_per_category=4, init_teacher="tournament"),
-            round=director_config.RoundSection(rounds=999, sample_fraction=0.5, n_expand=2, p_mutate=0.2, batch_size=64),
+            round=director_config.RoundSection(
+                rounds=999, sample_fraction=0.5, n_expand=2, p_mutate=0.2, batch_size=64
+            ),
             models=director_config.ModelsSection(teachers=("prism", "quill", "vellum", "zephyr")),
             judge=JudgeSection(error_rate=0.1),
             run=director_config.RunSection(name="evolve-director"),
@@ -224,20 +252,35 @@ def sdxl_8xh100() -> EvolveConfig:
         model=ModelSection(base="/models/stable-diffusion-xl-base-1.0", steps=30, guidance=5.0),
         director=director_config.DirectorConfig(
             data=director_config.DataSection(n_per_category=500, init_teacher="tournament"),
-            round=director_config.RoundSection(rounds=999, sample_fraction=0.25, n_expand=4, p_mutate=0.2, batch_size=16),
-            models=director_config.ModelsSection(teachers=("checkpoint:/models/flux.1-dev", "checkpoint:/models/sd3.5-large")),
-            judge=JudgeSection(backend="openai", model="Qwen/Qwen2.5-VL-72B-Instruct",
-                                 base_url="http://vlm-judge:8000/v1", call_cost=0.002),
+            round=director_config.RoundSection(
+                rounds=999, sample_fraction=0.25, n_expand=4, p_mutate=0.2, batch_size=16
+            ),
+            models=director_config.ModelsSection(
+                teachers=("checkpoint:/models/flux.1-dev", "checkpoint:/models/sd3.5-large")
+            ),
+            judge=JudgeSection(
+                backend="openai",
+                model="Qwen/Qwen2.5-VL-72B-Instruct",
+                base_url="http://vlm-judge:8000/v1",
+                call_cost=0.002,
+            ),
         ),
         judge_serve=JudgeServeSection(num_cpus=1.0, replicas=4, max_batch_size=32, proxy_location="HeadOnly"),
         sft=unlinked(merge(big, {"loss": {"method": "sft"}, "optim": {"max_steps": 1000}}), "sft"),
         synpic=dataclasses.replace(
             synpic_config.shapes_cpu(),
             prompts=synpic_config.PromptsSection(source="/mnt/shared/prompts.txt", grammar="none"),
-            generators=synpic_config.GeneratorsSection(specs=("checkpoint:/models/flux.1-dev", "checkpoint:/models/sd3.5-large"),
-                                           num_gpus=1.0, num_cpus=4.0, pool_size=2),
-            rewards=synpic_config.RewardsSection(specs=("pickscore:/models/pickscore", "hpsv2:/models/hpsv2",
-                                            "imagereward:/models/imagereward"), num_gpus=0.5, num_cpus=2.0),
+            generators=synpic_config.GeneratorsSection(
+                specs=("checkpoint:/models/flux.1-dev", "checkpoint:/models/sd3.5-large"),
+                num_gpus=1.0,
+                num_cpus=4.0,
+                pool_size=2,
+            ),
+            rewards=synpic_config.RewardsSection(
+                specs=("pickscore:/models/pickscore", "hpsv2:/models/hpsv2", "imagereward:/models/imagereward"),
+                num_gpus=0.5,
+                num_cpus=2.0,
+            ),
             run=synpic_config.RunSection(chunk_size=1024, progress=True),
         ),
         train=unlinked(merge(big, {"loss": {"method": "rankdpo"}}), "train"),

@@ -11,8 +11,8 @@ from raypref.perturbation import ALL_OPERATIONS, DENSE_TEMPLATE, DENSIFY_MODES, 
 
 @dataclass(frozen=True)
 class PromptSection:
-    source: str = "grammar"  # grammar | file | llm
-    path: str = ""  # source=file: one prompt per line
+    source: str = field(default="grammar", metadata={"help": "grammar | file | llm"})
+    path: str = field(default="", metadata={"help": "source=file: one prompt per line"})
     categories: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
     per_category: int = 16
     seed: int = 0
@@ -28,8 +28,8 @@ class PromptSection:
 
 @dataclass(frozen=True)
 class PerturbSection:
-    per_prompt: int = 2  # M perturbed prompts per base prompt
-    operations: tuple[str, ...] = ALL_OPERATIONS  # allowed operations
+    per_prompt: int = field(default=2, metadata={"help": "M perturbed prompts per base prompt"})
+    operations: tuple[str, ...] = field(default=ALL_OPERATIONS, metadata={"help": "allowed operations"})
     seed: int = 0
 
     def __post_init__(self):
@@ -41,7 +41,9 @@ class PerturbSection:
 
 @dataclass(frozen=True)
 class DensifySection:
-    mode: str = "off"  # off | record (dense text kept as metadata) | condition (real models only)
+    mode: str = field(
+        default="off", metadata={"help": "off | record (dense text kept as metadata) | condition (real models only)"}
+    )
     template: str = DENSE_TEMPLATE
 
     def __post_init__(self):
@@ -51,10 +53,10 @@ class DensifySection:
 
 @dataclass(frozen=True)
 class GenerateSection:
-    generator: str = "checkpoint:shipped"  # a raypref.generators spec
-    slots: int = 4  # seeds per prompt; base and perturbed share each seed
+    generator: str = field(default="checkpoint:shipped", metadata={"help": "a raypref.generators spec"})
+    slots: int = field(default=4, metadata={"help": "seeds per prompt; base and perturbed share each seed"})
     seed: int = 0
-    num_inference_steps: int = 30  # checkpoint generators only
+    num_inference_steps: int = field(default=30, metadata={"help": "checkpoint generators only"})
     guidance_scale: float = 3.0
 
     def __post_init__(self):
@@ -66,8 +68,8 @@ class GenerateSection:
 
 @dataclass(frozen=True)
 class FilterSection:
-    min_chosen_score: float = 0.6  # S = mean(p(yes) - p(no)) of the chosen image
-    yes_threshold: float = 0.5  # p(yes) above this is a "yes"
+    min_chosen_score: float = field(default=0.6, metadata={"help": "S = mean(p(yes) - p(no)) of the chosen image"})
+    yes_threshold: float = field(default=0.5, metadata={"help": "p(yes) above this is a \"yes\""})
 
     def __post_init__(self):
         check(-1.0 <= self.min_chosen_score <= 1.0,
@@ -78,14 +80,16 @@ class FilterSection:
 @dataclass(frozen=True)
 class RunSection:
     output: str = "~/raypref_runs/prefs/ospo.parquet"
-    mode: str = "ospo"  # ospo | naive (two random samples per prompt ranked by VQA)
-    use_ray: str = "auto"  # auto (Ray when there are >= ray_min_images images) | always | never
+    mode: str = field(default="ospo", metadata={"help": "ospo | naive (two random samples per prompt ranked by VQA)"})
+    use_ray: str = field(
+        default="auto", metadata={"help": "auto (Ray when there are >= ray_min_images images) | always | never"}
+    )
     ray_min_images: int = 256
     num_actors: int = 2
     cpus_per_actor: float = 0.5
     batch_size: int = 32
-    rounds: int = 1  # self-improvement rounds (the job trains between rounds)
-    round_index: int = 0  # mixed into the seeds, so every round samples fresh images
+    rounds: int = field(default=1, metadata={"help": "self-improvement rounds (the job trains between rounds)"})
+    round_index: int = field(default=0, metadata={"help": "mixed into the seeds, so every round samples fresh images"})
 
     def __post_init__(self):
         check(bool(self.output), "run.output must not be empty")

@@ -141,7 +141,7 @@ def relabel(row: dict, labeling: str, weights=None, seed: int = 0) -> dict:
                           (``labels.mixed_reward``, ``weights`` [n], default equal) as one metric.
         ``random``        a random order of the K images, seeded by (``seed``, prompt_id): the floor.
     """
-    from raypref import labels as L
+    from raypref import labels
 
     scores = np.asarray(row["scores"], dtype=np.float64)  # [n, K]
     names = list(row["reward_names"])
@@ -154,12 +154,12 @@ def relabel(row: dict, labeling: str, weights=None, seed: int = 0) -> dict:
         metric = scores[[names.index(name)]]
     elif labeling == "mixed":
         w = np.ones(len(names)) if weights is None else np.asarray(weights, dtype=np.float64)
-        metric = L.mixed_reward(scores, w)[None]
+        metric = labels.mixed_reward(scores, w)[None]
     elif labeling == "random":
         rng = np.random.default_rng([int(seed), int(row["prompt_id"][:15], 16)])
         metric = rng.permutation(scores.shape[1]).astype(np.float64)[None]
     else:
         raise ValueError(f"unknown labeling {labeling!r}; expected synpic, reward:NAME, mixed or random")
-    phi = L.synpic_phi(metric)
+    phi = labels.synpic_phi(metric)
     return make_row(row["prompt"], row["category"], row["images"], row["generators"], row["seeds"], names, scores,
-                    phi, L.ranking(phi), L.consensus_pairs(metric))
+                    phi, labels.ranking(phi), labels.consensus_pairs(metric))

@@ -281,9 +281,16 @@ def vae_loop(config: dict) -> None:
         step += 1
         loss_avg = loss.item() if loss_avg is None else 0.9 * loss_avg + 0.1 * loss.item()
 
-        metrics = {"stage": "vae-decoder" if decoder_only else "vae", "step": step, "loss": loss.item(), "loss_avg": loss_avg, "grad_norm": gnorm,
-                   "lr": opt.param_groups[0]["lr"], "elapsed_s": clock.elapsed,
-                   "resumed_from_step": state.get("step", 0)}
+        metrics = {
+            "stage": "vae-decoder" if decoder_only else "vae",
+            "step": step,
+            "loss": loss.item(),
+            "loss_avg": loss_avg,
+            "grad_norm": gnorm,
+            "lr": opt.param_groups[0]["lr"],
+            "elapsed_s": clock.elapsed,
+            "resumed_from_step": state.get("step", 0),
+        }
         last = clock.done(step)
         if last and v.eval_per_category and rank == 0:
             result = reconstruction_eval(vae, v.eval_per_category, cfg.data.size_range)
@@ -409,7 +416,9 @@ def vae_trainer(cfg: PretrainConfig, decoder_of: str | None = None):
     from raypref.raytrain import torch_trainer
 
     if decoder_of is None:
-        return torch_trainer(vae_loop, {"cfg": cfg, "phase": "autoencoder"}, replace(cfg.run, name=f"{cfg.run.name}-vae"))
+        return torch_trainer(
+            vae_loop, {"cfg": cfg, "phase": "autoencoder"}, replace(cfg.run, name=f"{cfg.run.name}-vae")
+        )
     return torch_trainer(vae_loop, {"cfg": cfg, "phase": "decoder", "init": str(decoder_of)},
                          replace(cfg.run, name=f"{cfg.run.name}-vae-decoder"))
 

@@ -221,8 +221,10 @@ def check_resources(cfg: SynPicConfig, cpus: float, gpus: float) -> None:
     if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
         raise ValueError(
             f"the actor pools plus a label task need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the cluster has "
-            f"{cpus:g} CPUs and {gpus:g} GPUs; lower generators/rewards .num_cpus, .num_gpus, .pool_size or .pool_sizes "
-            "(or set run.check_resources=false on an autoscaling cluster)")
+            f"{cpus:g} CPUs and {gpus:g} GPUs; lower generators/rewards .num_cpus, .num_gpus, .pool_size or "
+            ".pool_sizes "
+            "(or set run.check_resources=false on an autoscaling cluster)"
+        )
 
 
 def _write_chunk(out: Path, c: int, table: pa.Table, specs) -> dict:
@@ -344,9 +346,12 @@ def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_clas
                     written.append(stats)
                     new_images += stats["images"]
                     el = gen_time + time.time() - tw
-                    _log(cfg, f"chunk {c + 1}/{n_chunks} written: {stats['rows']} rows, "
-                              f"{len(done) + len(written)}/{n_chunks} done, {new_images / max(el, 1e-9):.1f} images/s, "
-                              f"cost {sum(stats['cost'].values()):g}")
+                    _log(
+                        cfg,
+                        f"chunk {c + 1}/{n_chunks} written: {stats['rows']} rows, "
+                        f"{len(done) + len(written)}/{n_chunks} done, {new_images / max(el, 1e-9):.1f} images/s, "
+                        f"cost {sum(stats['cost'].values()):g}",
+                    )
         gen_time += time.time() - tw
         missing = {c: (have[c], expected[c]) for c in chunks if have[c] != expected[c]}
         if missing:

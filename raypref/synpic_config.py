@@ -9,13 +9,23 @@ from raypref.config import check
 
 @dataclass(frozen=True)
 class PromptsSection:
-    source: str = "shapes"  # "shapes" (the grammar), a .txt file (one prompt a line) or a .parquet file
-    column: str = "prompt"  # Parquet column holding the prompts
-    n_per_category: int = 50  # shapes: distinct prompts per category (capped at the category's size)
-    seed: int = 0  # shapes: which prompts are drawn
+    source: str = field(
+        default="shapes",
+        metadata={"help": '"shapes" (the grammar), a .txt file (one prompt a line) or a .parquet file'},
+    )
+    column: str = field(default="prompt", metadata={"help": "Parquet column holding the prompts"})
+    n_per_category: int = field(
+        default=50, metadata={"help": "shapes: distinct prompts per category (capped at the category's size)"}
+    )
+    seed: int = field(default=0, metadata={"help": "shapes: which prompts are drawn"})
     max_chars: int = 300
-    grammar: str = "auto"  # auto: check the shapes grammar when a shapes generator/reward is used | shapes | none
-    on_bad: str = "skip"  # skip (counted in the summary) | error (ValueError at the first bad prompt)
+    grammar: str = field(
+        default="auto",
+        metadata={"help": "auto: check the shapes grammar when a shapes generator/reward is used | shapes | none"},
+    )
+    on_bad: str = field(
+        default="skip", metadata={"help": "skip (counted in the summary) | error (ValueError at the first bad prompt)"}
+    )
 
     def __post_init__(self):
         check(bool(self.source), "prompts.source must not be empty")
@@ -31,16 +41,21 @@ class GeneratorsSection:
     specs: tuple[str, ...] = (
         "teacher:prism", "teacher:quill", "teacher:vellum", "teacher:zephyr", "checkpoint:shipped",
     )
-    image_size: int = 32  # teachers' render size (checkpoints sample at their own resolution)
+    image_size: int = field(
+        default=32, metadata={"help": "teachers' render size (checkpoints sample at their own resolution)"}
+    )
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
-    seed: int = 0  # mixed into every per-(prompt, generator) seed
-    pool_size: int = 1  # actors per generator
+    seed: int = field(default=0, metadata={"help": "mixed into every per-(prompt, generator) seed"})
+    pool_size: int = field(default=1, metadata={"help": "actors per generator"})
     # Per-generator actor counts aligned with ``specs`` (empty: ``pool_size`` for each). The model
     # generators cost ~100x a procedural teacher per image, so only their pools are worth widening.
     pool_sizes: tuple[int, ...] = ()
-    num_cpus: float = 0.25  # per actor; fractional so actor pools never take every CPU (the 2-CPU deadlock)
-    num_gpus: float = 0.0  # per actor (> 0 puts checkpoints on cuda)
+    num_cpus: float = field(
+        default=0.25,
+        metadata={"help": "per actor; fractional so actor pools never take every CPU (the 2-CPU deadlock)"},
+    )
+    num_gpus: float = field(default=0.0, metadata={"help": "per actor (> 0 puts checkpoints on cuda)"})
     batch_size: int = 16
 
     def __post_init__(self):
@@ -66,7 +81,10 @@ class GeneratorsSection:
 
 @dataclass(frozen=True)
 class RewardsSection:
-    specs: tuple[str, ...] = ("faithfulness", "aesthetic")  # KEY or KEY:MODEL_PATH, KEY in raypref.rewards.REWARDS
+    specs: tuple[str, ...] = field(
+        default=("faithfulness", "aesthetic"),
+        metadata={"help": "KEY or KEY:MODEL_PATH, KEY in raypref.rewards.REWARDS"},
+    )
     pool_size: int = 1
     num_cpus: float = 0.25
     num_gpus: float = 0.0
@@ -88,11 +106,13 @@ class RewardsSection:
 @dataclass(frozen=True)
 class RunSection:
     output_dir: str = "~/raypref_runs/synpic-shapes"
-    chunk_size: int = 256  # prompts per committed chunk
+    chunk_size: int = field(default=256, metadata={"help": "prompts per committed chunk"})
     # Chunks per Ray Data execution (0: all pending in one stream). A driver crash loses at most this
     # many chunks of uncommitted work; more amortises actor start-up and keeps pools busy across chunks.
     window_chunks: int = 1
-    max_chunks: int = 0  # commit at most this many new chunks, then stop (0: all); staged runs
+    max_chunks: int = field(
+        default=0, metadata={"help": "commit at most this many new chunks, then stop (0: all); staged runs"}
+    )
     label_num_cpus: float = 0.25
     # A dead generator/reward actor is restarted, and its batch retried, this often. -1 keeps Ray
     # Data's own default (restart and retry without limit); Ray 2.60 takes these only through the
@@ -100,7 +120,9 @@ class RunSection:
     max_restarts: int = -1
     max_task_retries: int = -1
     progress: bool = True
-    check_resources: bool = True  # refuse pools that cannot all fit the cluster (see check_resources)
+    check_resources: bool = field(
+        default=True, metadata={"help": "refuse pools that cannot all fit the cluster (see check_resources)"}
+    )
     # "pools": one actor pool per generator and per reward, each sized and placed on its own (a GPU
     # cluster: a model per GPU, a paid API teacher with its own concurrency). "fused": one pool of
     # generators.pool_size actors (generators.num_cpus / num_gpus each), every actor running all K

@@ -47,13 +47,30 @@ from raypref.losses import (
 from raypref.raytrain import torch_trainer
 from raypref.train_config import METHODS, PRESETS, LossSection, TrainConfig
 from raypref.train_state import (
-    TrainState, autocast_dtype, build_state, export_model, load_checkpoint, reference_mode, refresh_reference, save_checkpoint,
+    TrainState,
+    autocast_dtype,
+    build_state,
+    export_model,
+    load_checkpoint,
+    reference_mode,
+    refresh_reference,
+    save_checkpoint,
 )
 
 COLUMNS = ["prompt_id", "prompt", "images", "generators", "phi", "pairs"]
 TRAIN_STATE = "train_state.pt"
 METRIC_KEYS = {  # per-prompt means reported each step (dpo_metrics' keys for the pairwise methods)
-    "pairwise": ("loss", "pref_loss", "implicit_acc", "margin", "reward_w", "reward_l", "kl_proxy", "policy_err", "ref_err"),
+    "pairwise": (
+        "loss",
+        "pref_loss",
+        "implicit_acc",
+        "margin",
+        "reward_w",
+        "reward_l",
+        "kl_proxy",
+        "policy_err",
+        "ref_err",
+    ),
     "sft": ("loss", "policy_err"),
 }
 LORA_DIR = "lora"
@@ -104,7 +121,8 @@ def _row_seed(seed: int, step: int, pid: str) -> int:
 def collate(rows: list[dict], state: TrainState) -> dict:
     """Rows of the preference table -> one forward batch.
 
-    If no row is usable: ``{"n_rows": 0, "skipped": len(rows)}``. Else a dict with ``x0`` [N, C, H, W], ``noise`` like x0,
+    If no row is usable: ``{"n_rows": 0, "skipped": len(rows)}``. Else a dict with ``x0`` [N, C, H, W],
+    ``noise`` like x0,
     ``t`` [N], ``cond`` (per image), ``row`` [N] (prompt index of each image), ``pairs`` [P, 3]
     long (winner, loser, prompt) and ``pair_w`` [P], ``phi`` [B, K] (rankdpo), ``n_rows`` B,
     ``skipped`` (rows without signal).
@@ -217,7 +235,9 @@ def batch_loss(state: TrainState, batch: dict) -> tuple[torch.Tensor, dict[str, 
     m = dpo_metrics(err[w], err[lo], ref[w], ref[lo], cfg.beta)
     m["pref_loss"] = per_row.detach().mean()  # "loss" less the sft_weight term
     if cfg.sft_weight > 0:  # mean winner error over the prompt's pairs
-        per_row = per_row + cfg.sft_weight * torch.zeros(n_rows, device=err.device).index_add(0, prow, err[w]) / n_pairs
+        per_row = (
+            per_row + cfg.sft_weight * torch.zeros(n_rows, device=err.device).index_add(0, prow, err[w]) / n_pairs
+        )
     m["loss"] = per_row.detach().mean()
     return per_row.sum(), m
 
@@ -410,7 +430,9 @@ def read_data(cfg: TrainConfig):
 
 def build_trainer(cfg: TrainConfig, dataset=None):
     """A TorchTrainer for ``cfg``; resources come from the config, never hard-coded."""
-    return torch_trainer(train_func, {"cfg": cfg}, cfg.run, {"train": dataset if dataset is not None else read_data(cfg)})
+    return torch_trainer(
+        train_func, {"cfg": cfg}, cfg.run, {"train": dataset if dataset is not None else read_data(cfg)}
+    )
 
 
 def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:

@@ -15,13 +15,19 @@ METHODS = ("dpo", "rankdpo", "balanced", "sft")
 
 @dataclass(frozen=True)
 class ModelSection:
-    path: str = "shipped"  # a saved pipeline (diffusers format), a hub id on a cluster, or "shipped"
+    path: str = field(
+        default="shipped",
+        metadata={"help": 'a saved pipeline (diffusers format), a hub id on a cluster, or "shipped"'},
+    )
     lora: bool = True
     lora_rank: int = 8
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    lora_seed: int = 0  # LoRA init is seeded: every worker (and every re-run) starts from the same adapter
+    lora_seed: int = field(
+        default=0,
+        metadata={"help": "LoRA init is seeded: every worker (and every re-run) starts from the same adapter"},
+    )
 
     def __post_init__(self):
         check(bool(self.path), "model.path must not be empty")
@@ -34,7 +40,7 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     path: str = "~/raypref_runs/prefs/shapes.parquet"
-    seed: int = 0  # noise / timestep stream
+    seed: int = field(default=0, metadata={"help": "noise / timestep stream"})
     # Keep the worker's shard in memory after the first epoch, replayed in the same order. A small
     # preference set then costs one Ray Data execution instead of one per epoch (seconds each);
     # turn off for shards that do not fit in a worker's memory.
@@ -51,13 +57,23 @@ class DataSection:
 
 @dataclass(frozen=True)
 class LossSection:
-    method: str = "dpo"  # dpo | rankdpo | balanced | sft
-    beta: float = 2000.0  # paper (Diffusion-DPO) convention for every method; rankdpo uses beta / 2
-    dpo_pairs: str = "best_worst"  # dpo: (best, worst) by phi per prompt, or "all" ordered pairs
-    rank_weights: str = "dcg"  # rankdpo: dcg | gain | uniform
-    vote_weighting: bool = False  # balanced: weight pairs by (votes_i - votes_j) / (votes_i + votes_j)
-    ref_refresh_every: int = 0  # balanced: copy policy -> reference every N steps (0 = never)
-    sft_target: str = "best"  # sft: "best" image by phi, or "generator" (all images of sft_generator)
+    method: str = field(default="dpo", metadata={"help": "dpo | rankdpo | balanced | sft"})
+    beta: float = field(
+        default=2000.0, metadata={"help": "paper (Diffusion-DPO) convention for every method; rankdpo uses beta / 2"}
+    )
+    dpo_pairs: str = field(
+        default="best_worst", metadata={"help": 'dpo: (best, worst) by phi per prompt, or "all" ordered pairs'}
+    )
+    rank_weights: str = field(default="dcg", metadata={"help": "rankdpo: dcg | gain | uniform"})
+    vote_weighting: bool = field(
+        default=False, metadata={"help": "balanced: weight pairs by (votes_i - votes_j) / (votes_i + votes_j)"}
+    )
+    ref_refresh_every: int = field(
+        default=0, metadata={"help": "balanced: copy policy -> reference every N steps (0 = never)"}
+    )
+    sft_target: str = field(
+        default="best", metadata={"help": 'sft: "best" image by phi, or "generator" (all images of sft_generator)'}
+    )
     sft_generator: str = ""
     # dpo | rankdpo | balanced: add sft_weight x the winner's (rankdpo: the top image's) denoising error
     # per prompt (RPO-style). Without it a small preference set is fitted by making every image worse
@@ -72,7 +88,9 @@ class LossSection:
         check(self.sft_weight == 0 or self.method != "sft", "loss.sft_weight is for dpo|rankdpo|balanced, not sft")
         check(self.method in METHODS, f"loss.method must be one of {METHODS}, got {self.method!r}")
         check(math.isfinite(self.beta) and self.beta > 0, f"loss.beta must be > 0, got {self.beta}")
-        check(self.dpo_pairs in ("best_worst", "all"), f"loss.dpo_pairs must be best_worst|all, got {self.dpo_pairs!r}")
+        check(
+            self.dpo_pairs in ("best_worst", "all"), f"loss.dpo_pairs must be best_worst|all, got {self.dpo_pairs!r}"
+        )
         check(self.rank_weights in WEIGHT_KINDS, f"loss.rank_weights must be one of {WEIGHT_KINDS}, "
                                                  f"got {self.rank_weights!r}")
         check(self.ref_refresh_every >= 0, f"loss.ref_refresh_every must be >= 0, got {self.ref_refresh_every}")
@@ -90,11 +108,15 @@ class OptimSection:
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 20
-    batch_size: int = 16  # prompts per optimizer step, global (workers x grad_accum x micro-batch)
+    batch_size: int = field(
+        default=16, metadata={"help": "prompts per optimizer step, global (workers x grad_accum x micro-batch)"}
+    )
     grad_accum: int = 1
     max_steps: int = 500
-    grad_clip: float = 1.0  # <= 0: no clipping
-    precision: str = "auto"  # auto (bf16 on CUDA if supported, else fp32) | fp32 | bf16 | fp16
+    grad_clip: float = field(default=1.0, metadata={"help": "<= 0: no clipping"})
+    precision: str = field(
+        default="auto", metadata={"help": "auto (bf16 on CUDA if supported, else fp32) | fp32 | bf16 | fp16"}
+    )
 
     def __post_init__(self):
         check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")

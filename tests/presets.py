@@ -56,7 +56,9 @@ def ospo_tiny() -> ospo_config.OSPOConfig:
     return o.OSPOConfig(
         prompts=o.PromptSection(per_category=2),
         generate=o.GenerateSection(generator="teacher:vellum", slots=2),
-        run=o.RunSection(output="unset-ospo.parquet", use_ray="never", num_actors=2, cpus_per_actor=0.25, batch_size=8),
+        run=o.RunSection(
+            output="unset-ospo.parquet", use_ray="never", num_actors=2, cpus_per_actor=0.25, batch_size=8
+        ),
     )
 
 

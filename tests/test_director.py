@@ -157,10 +157,14 @@ def test_tournament_ties_are_not_credited_to_the_first_teacher():
     """Four always-right teachers and a judge that breaks ties to the first image: with the offer order
     shuffled per prompt every teacher is picked about a quarter of the time (unshuffled: all to one)."""
     teachers = {n: _teacher(n) for n in ("a", "b", "c", "d")}
-    prompts = all_prompts("colors") + all_prompts("single_object") + all_prompts("counting") + all_prompts("two_object")
+    prompts = (
+        all_prompts("colors") + all_prompts("single_object") + all_prompts("counting") + all_prompts("two_object")
+    )
     items = [(p, "colors", None, 1000 + i) for i, p in enumerate(prompts)]  # stats filed under one category
     stats = {"selection": {}, "vs_base": {}}
-    out = director._render_new(items, teachers, ShapesJudge(0.0, seed=0), spend.TeacherLedger(teachers, 1.0), stats, 64)
+    out = director._render_new(
+        items, teachers, ShapesJudge(0.0, seed=0), spend.TeacherLedger(teachers, 1.0), stats, 64
+    )
     picked = [who for _, who, _ in out]
     assert None not in picked
     shares = {n: picked.count(n) / len(picked) for n in teachers}
@@ -208,7 +212,9 @@ def _one_round(tmp_path, seed):
     teachers = director.build_teachers(cfg)
     judge = cfg.judge.build()
     ds = director.build_initial_set(cfg, teachers, judge)
-    return ds, director.run_round(ds, build_generator(cfg.models.base, size=cfg.data.image_size), teachers, judge, cfg, 1)
+    return ds, director.run_round(
+        ds, build_generator(cfg.models.base, size=cfg.data.image_size), teachers, judge, cfg, 1
+    )
 
 
 def test_same_seed_same_round_other_seed_other_sample(tmp_path):
@@ -282,7 +288,12 @@ def test_best_teacher_and_selection_rates():
     assert director.best_teacher(stats, "counting", ["a", "b"]) == "a"
     assert director.best_teacher(stats, "colors", ["a", "b"]) == "b"  # tournament data first, even against vs_base
     # no evidence at all: the caller's rotation, so mutations spread over the teachers
-    assert [director.best_teacher(stats, "position", ["a", "b", "c"], fallback=i) for i in range(4)] == ["a", "b", "c", "a"]
+    assert [director.best_teacher(stats, "position", ["a", "b", "c"], fallback=i) for i in range(4)] == [
+        "a",
+        "b",
+        "c",
+        "a",
+    ]
     assert director.selection_rates(stats) == {"a": {"colors": 0.2}, "b": {"colors": 0.8}}
 
 
@@ -296,7 +307,10 @@ def test_sft_table_is_what_train_sft_reads(tmp_path):
     assert set(COLUMNS) <= set(table.column_names) and table.num_rows == 3
     for row, src in zip(table.to_pylist(), ds.rows()):
         assert select(row, LossSection(method="sft")) == ([0], [])
-        assert select(row, LossSection(method="sft", sft_target="generator", sft_generator="teacher:clean")) == ([0], [])
+        assert select(row, LossSection(method="sft", sft_target="generator", sft_generator="teacher:clean")) == (
+            [0],
+            [],
+        )
         assert row["prompt"] == src["prompt"] and row["images"][0] == src["image"]
         assert passes(parse(row["prompt"]), decode_png(row["images"][0]))
     path = curation_store.write_sft(tmp_path / "sft.parquet", ds)
@@ -327,7 +341,9 @@ def test_presets_and_bad_round_arguments(tmp_path):
     with pytest.raises(ValueError, match="differ in shape"):
         director.run_round(ds, Teacher("base", SkillProfile({}), size=32), teachers, ShapesJudge(), cfg, 1)
     with pytest.raises(ValueError, match="origin"):
-        curation_store.make_rows(["a circle"], [np.zeros((SIZE, SIZE, 3), np.uint8)], ["clean"], [0], 0, ["copy"], [""])
+        curation_store.make_rows(
+            ["a circle"], [np.zeros((SIZE, SIZE, 3), np.uint8)], ["clean"], [0], 0, ["copy"], [""]
+        )
 
 
 # ---------------------------------------------------------------------------------------- over Ray Serve

@@ -216,7 +216,9 @@ def test_two_rounds_end_to_end(tiny_base, tmp_path, ray_local):
     for name in ("samples_grid.png", "shapes_eval.png", "rewards.png", "losses.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({name})" in report
     assert report.count(f"| `{m2['checkpoint']}` |") == 1 and "| 2 | " in report
-    assert "Shape drawn, of the eval prompts naming it:" in report and "| round | circle | square | triangle |" in report
+    assert (
+        "Shape drawn, of the eval prompts naming it:" in report and "| round | circle | square | triangle |" in report
+    )
     best = max(manifests, key=lambda m: (m["scores"]["overall"], -m["round"]))
     assert f"Best measured round: {best['round']} " in report and f"checkpoint `{best['checkpoint']}`" in report
     samples = [json.loads((out / f"round-{r:03d}" / "eval" / "samples.json").read_text()) for r in range(3)]

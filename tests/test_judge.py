@@ -166,7 +166,11 @@ def test_answer_parsers():
     assert parse_choice("zebra") is None and parse_choice("") is None
     assert parse_yes_no("Yes.") == 1.0 and parse_yes_no(" no, it is not") == 0.0
     assert parse_yes_no("maybe yes") is None
-    assert parse_lines('1. a circle\n- "two squares"\n\n  * a red square') == ["a circle", "two squares", "a red square"]
+    assert parse_lines('1. a circle\n- "two squares"\n\n  * a red square') == [
+        "a circle",
+        "two squares",
+        "a red square",
+    ]
 
 
 # ------------------------------------------------------------------ openai backend, real HTTP

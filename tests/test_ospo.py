@@ -83,12 +83,17 @@ def test_operation_semantics_on_examples():
     got = {(c.operation, c.perturbed) for c in perturbation.candidate_perturbations("a circle left of a square")}
     assert got == {("reverse_relation", "a circle right of a square"), ("change_relation", "a circle above a square"),
                    ("change_relation", "a circle below a square")}
-    got = {(c.operation, c.perturbed) for c in perturbation.candidate_perturbations("a red circle and a cyan triangle")}
+    got = {
+        (c.operation, c.perturbed) for c in perturbation.candidate_perturbations("a red circle and a cyan triangle")
+    }
     assert ("swap_colors", "a cyan circle and a red triangle") in got
     assert ("drop_object", "a red circle") in got and ("drop_object", "a cyan triangle") in got
     assert ("replace_color", "a red circle and a blue triangle") in got
     assert ("replace_color", "a cyan circle and a cyan triangle") not in got  # would leave the grammar
-    assert {c.perturbed for c in perturbation.candidate_perturbations("three squares")} == {"two squares", "four squares"}
+    assert {c.perturbed for c in perturbation.candidate_perturbations("three squares")} == {
+        "two squares",
+        "four squares",
+    }
 
 
 def test_perturb_sampling_is_seeded_distinct_and_balanced_over_operations():
@@ -100,8 +105,12 @@ def test_perturb_sampling_is_seeded_distinct_and_balanced_over_operations():
     # Operations are drawn uniformly before candidates: with {swap (1 candidate), replace (12)}
     # and m = 2, P(swap drawn) = 1/2 + 1/2 * 1/2 = 3/4 (uniform over candidates would give 2/13).
     prompts = all_prompts("color_attr")
-    hit = np.mean([any(x.operation == "swap_colors" for x in perturbation.perturb(q, 2, ("swap_colors", "replace_color")))
-                   for q in prompts])
+    hit = np.mean(
+        [
+            any(x.operation == "swap_colors" for x in perturbation.perturb(q, 2, ("swap_colors", "replace_color")))
+            for q in prompts
+        ]
+    )
     assert 0.65 < hit < 0.85, hit
     with pytest.raises(ValueError, match="not in the shapes grammar"):
         perturbation.perturb("a dog", 2)

@@ -95,11 +95,23 @@ def tiny_hf_clip(tmp_path_factory):
     processor.save_pretrained(proc_dir)
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+            vocab_size=514,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
         ),
         vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
         ),
         projection_dim=16,
         logit_scale_init_value=3.0,
@@ -283,7 +295,9 @@ def test_aesthetic_matches_head_on_normalised_embedding(rewards, tiny_open_clip,
         emb = model.encode_image(torch.stack([pre(Image.fromarray(im)) for im in _images(0)])).numpy()
         emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)  # L2-normalised, as the predictor expects
         ref = tiny_aesthetic_head["head"](torch.from_numpy(emb)).squeeze(-1).numpy()
-    np.testing.assert_allclose(rewards["aesthetic_laion"](_batch())["score_aesthetic_laion"], ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        rewards["aesthetic_laion"](_batch())["score_aesthetic_laion"], ref, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_aesthetic_mlp_layout_matches_released_keys():
@@ -410,7 +424,9 @@ def test_runs_in_ray_data_map_batches(tiny_open_clip):
     try:
         images = _images(seed=7, b=5)
         prompts = [f"prompt number {i}" for i in range(5)]
-        ds = ray.data.from_items([{"prompt": p, "image": im, "id": i} for i, (p, im) in enumerate(zip(prompts, images))])
+        ds = ray.data.from_items(
+            [{"prompt": p, "image": im, "id": i} for i, (p, im) in enumerate(zip(prompts, images))]
+        )
         rows = ds.map_batches(
             ClipScore,
             fn_constructor_kwargs=dict(model_path=tiny_open_clip["ckpt"], arch=tiny_open_clip["config"]),
@@ -423,5 +439,7 @@ def test_runs_in_ray_data_map_batches(tiny_open_clip):
             ray.shutdown()
     rows = sorted(rows, key=lambda r: r["id"])
     assert [r["prompt"] for r in rows] == prompts
-    direct = ClipScore(tiny_open_clip["ckpt"], arch=tiny_open_clip["config"])({"prompt": np.array(prompts), "image": images})
+    direct = ClipScore(tiny_open_clip["ckpt"], arch=tiny_open_clip["config"])(
+        {"prompt": np.array(prompts), "image": images}
+    )
     np.testing.assert_allclose([r["score_clip"] for r in rows], direct["score_clip"], rtol=1e-4, atol=1e-4)

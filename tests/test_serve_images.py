@@ -7,7 +7,6 @@ import base64
 import io
 import os
 import socket
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,20 +14,13 @@ import pytest
 import requests
 import torch
 
-# serve/ is a top-level folder of the repo, not part of the installed raypref package.
+from diffusers import StableDiffusionPipeline
+
+from raypref.models import SD15Adapter, load_adapter
+from raypref.serving.images import APIError, app_builder, build_images_app, parse_size, validate_request
+from raypref.shapes.model import build_pipeline
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from diffusers import StableDiffusionPipeline  # noqa: E402
-
-from raypref.models import (
-    SD15Adapter,  # noqa: E402
-    load_adapter,  # noqa: E402
-)
-from raypref.serving.images import APIError, app_builder, build_images_app, parse_size, validate_request  # noqa: E402
-from raypref.shapes.model import build_pipeline  # noqa: E402
-
 KEY = "sk-test-raypref"
 STEPS, GUIDANCE = 2, 3.0
 PROMPT = "a red circle above a blue square"

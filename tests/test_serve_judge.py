@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 import requests
 
-# serve/ is a top-level folder of the repo, not part of the installed raypref package.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from raypref.judges import ShapesJudge
+from raypref.judges.common import encode_png_b64
+from raypref.shapes.grammar import eval_prompts
+from raypref.shapes.teachers import Teacher
 
-from raypref.judges import ShapesJudge  # noqa: E402
-from raypref.judges.common import encode_png_b64  # noqa: E402
-from raypref.shapes.grammar import eval_prompts  # noqa: E402
-from raypref.shapes.teachers import Teacher  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BACKEND = {"error_rate": 0.25, "seed": 3}  # noisy on purpose: answers must still match a local judge
 
@@ -44,7 +41,9 @@ def judge_app(ray_local):
 @pytest.fixture(scope="module")
 def renders():
     teacher = Teacher("vellum")  # a mix of passing and failing renders
-    return [(p, teacher.render_one(p, i), teacher.render_one(p, i + 100)) for i, (_, p) in enumerate(eval_prompts(2, 4))]
+    return [
+        (p, teacher.render_one(p, i), teacher.render_one(p, i + 100)) for i, (_, p) in enumerate(eval_prompts(2, 4))
+    ]
 
 
 def _post(url, op, payload):
@@ -116,7 +115,9 @@ def test_malformed_requests_get_4xx_and_the_deployment_stays_up(judge_app, rende
         handle.discriminate.remote(p, [a.astype(np.float32)]).result()
     # still serving, through both paths
     want = ShapesJudge(**BACKEND).discriminate(p, [a, b])
-    assert _post(url, "discriminate", {"prompt": p, "images": [encode_png_b64(a), encode_png_b64(b)]}).json() == {"index": want}
+    assert _post(url, "discriminate", {"prompt": p, "images": [encode_png_b64(a), encode_png_b64(b)]}).json() == {
+        "index": want
+    }
     assert handle.discriminate.remote(p, [a, b]).result() == want
 
 

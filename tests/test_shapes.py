@@ -39,7 +39,10 @@ def test_parse_every_category():
     s = parse("a circle left of a square")
     assert s.category == "position" and s.relation == "left of" and s.objects[1].shape == "square"
     s = parse("a red circle and a cyan triangle")
-    assert s.category == "color_attr" and [(o.color, o.shape) for o in s.objects] == [("red", "circle"), ("cyan", "triangle")]
+    assert s.category == "color_attr" and [(o.color, o.shape) for o in s.objects] == [
+        ("red", "circle"),
+        ("cyan", "triangle"),
+    ]
 
 
 def test_every_grammar_prompt_parses_to_its_category():
@@ -398,7 +401,9 @@ def test_eval_dir_is_rescorable(tmp_path):
 
 
 def test_cli_shapes_eval(tmp_path, capsys):
-    assert cli_main(["shapes-eval", "--generator", "teacher:clean", "--n-per-category", "5", "--out", str(tmp_path)]) == 0
+    assert (
+        cli_main(["shapes-eval", "--generator", "teacher:clean", "--n-per-category", "5", "--out", str(tmp_path)]) == 0
+    )
     assert "| teacher:clean | 1.000 |" in capsys.readouterr().out
     assert cli_main(["shapes-eval", "--generator", "painter:x", "--n-per-category", "5"]) == 2
     assert "bad generator spec" in capsys.readouterr().err

@@ -117,7 +117,17 @@ def test_shapes_eval_cli_on_a_checkpoint(tiny, tmp_path, capsys):
 
     _, path = tiny
     out = tmp_path / "e"
-    args = ["shapes-eval", "--generator", f"checkpoint:{path}", "--n-per-category", "2", "--steps", "2", "--out", str(out)]
+    args = [
+        "shapes-eval",
+        "--generator",
+        f"checkpoint:{path}",
+        "--n-per-category",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
     assert f"checkpoint:{path}" in printed

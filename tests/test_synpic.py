@@ -206,8 +206,14 @@ def test_job_main_wires_config_to_run(built):
     (here: refused, other generators)."""
     job = synpic
     with pytest.raises(ValueError, match="different inputs"):
-        job.main(["--config", config_file(synpic_tiny(), built["out"].parent / "tiny.yaml"), f"run.output_dir={built['out']}",
-                  "generators.specs=[teacher:prism,teacher:vellum]"])
+        job.main(
+            [
+                "--config",
+                config_file(synpic_tiny(), built["out"].parent / "tiny.yaml"),
+                f"run.output_dir={built['out']}",
+                "generators.specs=[teacher:prism,teacher:vellum]",
+            ]
+        )
     with pytest.raises(ValueError, match="unknown config key 'run.nope'"):
         job.main(["run.nope=1"])
 
@@ -286,8 +292,13 @@ def test_driver_killed_mid_run_resumes_without_regenerating(ray_local, tmp_path)
     """SIGKILL the driver (a separate job on the same cluster) once its first chunk is committed; the
     re-run finishes, and no committed (teacher, prompt) is generated a second time."""
     out, log = tmp_path / "out", tmp_path / "calls.log"
-    code = DRIVER.format(tests=str(Path(__file__).resolve().parent), root=str(Path(__file__).resolve().parents[1]), gcs=ray_local.get_runtime_context().gcs_address,
-                         out=str(out), log=str(log))
+    code = DRIVER.format(
+        tests=str(Path(__file__).resolve().parent),
+        root=str(Path(__file__).resolve().parents[1]),
+        gcs=ray_local.get_runtime_context().gcs_address,
+        out=str(out),
+        log=str(log),
+    )
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

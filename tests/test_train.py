@@ -260,14 +260,20 @@ def test_select_hand_worked():
            "pairs": [{"i": 3, "j": 0, "votes_i": 3, "votes_j": 1}, {"i": 1, "j": 2, "votes_i": 2, "votes_j": 0}]}
     assert train.select(row, train_config.LossSection(method="dpo")) == ([1, 2], [(0, 1, 1.0)])  # first max, min
     assert train.select(row, train_config.LossSection(method="sft")) == ([1], [])
-    assert train.select(row, train_config.LossSection(method="sft", sft_target="generator", sft_generator="a")) == ([0, 2], [])
+    assert train.select(row, train_config.LossSection(method="sft", sft_target="generator", sft_generator="a")) == (
+        [0, 2],
+        [],
+    )
     assert train.select(row, train_config.LossSection(method="sft", sft_target="generator", sft_generator="z")) is None
     # images 0, 1, 2, 3 are all in pairs; (3 beats 0) by 3:1 votes -> weight 0.5, (1 beats 2) 2:0 -> 1.0
     assert train.select(row, train_config.LossSection(method="balanced", vote_weighting=True)) == (
         [0, 1, 2, 3], [(3, 0, 0.5), (1, 2, 1.0)])
     assert train.select({**row, "pairs": []}, train_config.LossSection(method="balanced")) is None
     tied = {**row, "phi": [1.0, 1.0, 1.0, 1.0]}
-    assert train.select(tied, train_config.LossSection(method="dpo")) is None and train.select(tied, train_config.LossSection(method="rankdpo")) is None
+    assert (
+        train.select(tied, train_config.LossSection(method="dpo")) is None
+        and train.select(tied, train_config.LossSection(method="rankdpo")) is None
+    )
 
 
 def test_dpo_all_pairs_uses_every_ordered_pair(rows):
@@ -299,7 +305,10 @@ def test_nan_loss_raises_before_checkpoint(lora, rows):
     with pytest.raises(FloatingPointError, match="at step 3"):
         train.run_loop(state, lambda: iter([rows[:2], rows[2:]]), report)
     assert [s for s, _ in saved] == [1, 2]
-    assert train_state.TRAIN_STATE in saved[0][1] and (train_state.LORA_DIR if lora else train_state.PIPELINE_DIR) in saved[0][1]
+    assert (
+        train_state.TRAIN_STATE in saved[0][1]
+        and (train_state.LORA_DIR if lora else train_state.PIPELINE_DIR) in saved[0][1]
+    )
     assert state.step == 2
 
 
@@ -355,7 +364,9 @@ def test_lora_checkpoint_loads_into_fresh_pipeline(family, rows, tmp_path):
 @pytest.mark.parametrize("family", ["pixart", "shapes"])
 def test_merged_lora_checkpoint_is_a_plain_pipeline_with_the_same_outputs(family, rows, tmp_path):
     base, state = trained_lora_checkpoint(family, "sft", rows, tmp_path)
-    merge_lora_checkpoint(str(tmp_path / "base"), str(tmp_path / "ckpt" / train_state.LORA_DIR), str(tmp_path / "merged"))
+    merge_lora_checkpoint(
+        str(tmp_path / "base"), str(tmp_path / "ckpt" / train_state.LORA_DIR), str(tmp_path / "merged")
+    )
     merged = load_adapter(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.denoiser.named_parameters())
     assert sum(p.numel() for p in merged.denoiser.parameters()) == sum(p.numel() for p in base.denoiser.parameters())

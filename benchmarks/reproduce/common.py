@@ -13,8 +13,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from raypref import evolve as E  # noqa: E402
-from raypref import train as T  # noqa: E402
+from raypref import evolve_config, train, train_state  # noqa: E402
 from raypref.lora import fold_lora  # noqa: E402
 from raypref.prefdata import decode_png  # noqa: E402
 
@@ -38,18 +37,18 @@ def train_lora(rows: list[dict], base: str, loss: dict, *, steps: int, lr: float
     metrics)."""
     import time
 
-    base_cfg = E._train_cfg("dpo", steps, lr, batch=batch_size, lora=lora)
+    base_cfg = evolve_config.train_recipe("dpo", steps, lr, batch=batch_size, lora=lora)
     loss = {"sft_weight": sft_weight, **loss}
     cfg = replace(base_cfg, model=replace(base_cfg.model, path=base, lora_seed=seed),
                   loss=replace(base_cfg.loss, **loss), data=replace(base_cfg.data, seed=seed, cfg_dropout=cfg_dropout))
-    state = T.build_state(cfg)
+    state = train_state.build_state(cfg)
     rng = np.random.default_rng(seed)
     metrics, start = {}, time.time()
     for _ in range(steps):
         if max_seconds and time.time() - start >= max_seconds:
             break
         batch = [rows[i] for i in rng.choice(len(rows), size=batch_size, replace=len(rows) < batch_size)]
-        metrics = T.train_step(state, [batch]) or metrics
+        metrics = train.train_step(state, [batch]) or metrics
     if lora:
         fold_lora(state.pipe.denoiser)
     state.pipe.denoiser.eval()

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Sampler, add_run_args, fmt, save_results, setup, train_lora  # noqa: E402
 
-from raypref import director as D  # noqa: E402
+from raypref import curation_store, director, director_config, spend  # noqa: E402
 from raypref.checkpoints import load_model  # noqa: E402
 from raypref.config import merge  # noqa: E402
 from raypref.generators import PipelineGenerator  # noqa: E402
@@ -44,8 +44,10 @@ from raypref.shapes.grammar import CATEGORIES, all_prompts  # noqa: E402
 TEACHERS = ("prism", "quill", "vellum", "zephyr")
 
 
-def director_cfg(seed: int, error: float, init_per_category: int, init_teacher: str = "mix") -> D.DirectorConfig:
-    return merge(D.shapes_cpu(), {
+def director_cfg(
+    seed: int, error: float, init_per_category: int, init_teacher: str = "mix"
+) -> director_config.DirectorConfig:
+    return merge(director_config.shapes_cpu(), {
         "data": {"n_per_category": init_per_category, "init_teacher": init_teacher},
         "round": {"sample_fraction": 0.5, "n_expand": 2, "p_mutate": 0.2, "teacher_choice": "best"},
         "models": {"teachers": list(TEACHERS)},
@@ -56,7 +58,7 @@ def director_cfg(seed: int, error: float, init_per_category: int, init_teacher: 
 
 def spent(teachers: dict) -> tuple[int, float]:
     """(teacher calls, teacher cost) so far; the teachers' prices differ (0.5 to 2 per image)."""
-    calls_cost = [D._counters(t) for t in teachers.values()]
+    calls_cost = [spend.generator_counters(t) for t in teachers.values()]
     return int(sum(c for c, _ in calls_cost)), float(sum(v for _, v in calls_cost))
 
 
@@ -64,23 +66,31 @@ def random_set(budget: float, seed: int) -> tuple[list[dict], dict]:
     """Random grammar prompts (categories in turn, distinct while a category has unused prompts), each
     rendered by a random teacher, until the teacher cost would pass ``budget`` -> (SFT rows, stats)."""
     rng = np.random.default_rng([seed, 77])
-    teachers = D.build_teachers(director_cfg(seed, 0.0, 1))
+    teachers = director.build_teachers(director_cfg(seed, 0.0, 1))
     pools = {c: [all_prompts(c)[int(i)] for i in rng.permutation(len(all_prompts(c)))] for c in CATEGORIES}
     items, cost = [], 0.0
     while True:
         c = CATEGORIES[len(items) % len(CATEGORIES)]
         t = TEACHERS[int(rng.integers(len(TEACHERS)))]
-        price = D.unit_cost(teachers[t], 1.0)
+        price = spend.unit_cost(teachers[t], 1.0)
         if cost + price > budget + 1e-9:
             break
         n_c = sum(1 for it in items if it[1] == c)
         items.append((pools[c][n_c % len(pools[c])], c, t, int(rng.integers(2**31 - 1))))
         cost += price
     images = [teachers[t].generate([p], [s])[0] for p, _, t, s in items]
-    rows = D.make_rows([p for p, *_ in items], images, [t for _, _, t, _ in items], [s for *_, s in items], 0,
-                       ["seed"] * len(items), [""] * len(items), [c for _, c, _, _ in items])
+    rows = curation_store.make_rows(
+        [p for p, *_ in items],
+        images,
+        [t for _, _, t, _ in items],
+        [s for *_, s in items],
+        0,
+        ["seed"] * len(items),
+        [""] * len(items),
+        [c for _, c, _, _ in items],
+    )
     calls, cost = spent(teachers)
-    sft = D.to_sft_table(D.DirectorDataset(D.to_table(rows), 0, {})).to_pylist()
+    sft = curation_store.to_sft_table(curation_store.DirectorDataset(curation_store.to_table(rows), 0, {})).to_pylist()
     return sft, {"teacher_calls": calls, "teacher_cost": cost, "judge_calls": 0, "rounds": 0, "set_size": len(sft)}
 
 
@@ -88,22 +98,22 @@ def director_set(budget: float, seed: int, error: float, base: str, args) -> tup
     """Curate with the start model as the base until the teacher cost reaches ``budget`` (each round
     capped by what is left), or a round adds nothing -> (SFT rows, stats)."""
     cfg = director_cfg(seed, error, args.init_per_category)
-    teachers = D.build_teachers(cfg)
+    teachers = director.build_teachers(cfg)
     judge = cfg.judge.build()
-    ds = D.build_initial_set(cfg, teachers, judge)
+    ds = director.build_initial_set(cfg, teachers, judge)
     gen = PipelineGenerator(base, num_inference_steps=args.sample_steps, guidance_scale=3.0)
     rounds = 0
     while spent(teachers)[1] < budget and rounds < args.max_rounds:
         before = spent(teachers)[1]
         cfg_r = merge(cfg, {"round": {"budget": float(budget - before)}})
-        ds, _ = D.run_round(ds, gen, teachers, judge, cfg_r, rounds + 1)
+        ds, _ = director.run_round(ds, gen, teachers, judge, cfg_r, rounds + 1)
         rounds += 1
         if spent(teachers)[1] == before:
             break  # no new teacher image this round (over budget, or nothing to expand)
     calls, cost = spent(teachers)
     stats = {"teacher_calls": calls, "teacher_cost": cost, "judge_calls": int(judge.calls), "rounds": rounds,
              "set_size": len(ds)}
-    return D.to_sft_table(ds).to_pylist(), stats
+    return curation_store.to_sft_table(ds).to_pylist(), stats
 
 
 def sft_and_eval(rows, base, name, seed, out: Path, args) -> dict:
@@ -146,17 +156,17 @@ def teachers_part(args, base: str, out: Path, results: dict, rpath: Path) -> Non
         if any(r["seed_train"] == seed for r in results.get("tournament", [])):
             continue
         cfg = director_cfg(seed, args.judge_errors[0], args.tournament_per_category, init_teacher="tournament")
-        teachers = D.build_teachers(cfg)
-        ds = D.build_initial_set(cfg, teachers, cfg.judge.build())
-        rates = D.selection_rates(ds.stats)
+        teachers = director.build_teachers(cfg)
+        ds = director.build_initial_set(cfg, teachers, cfg.judge.build())
+        rates = director.selection_rates(ds.stats)
         overall = {t: float(np.mean([v for v in rates.get(t, {}).values() if v == v] or [0.0])) for t in TEACHERS}
         best = max(TEACHERS, key=lambda t: overall[t])
-        picked = D.to_sft_table(ds).to_pylist()
+        picked = curation_store.to_sft_table(ds).to_pylist()
         # The best single teacher's images of the same prompts (one more call each, same seeds).
         single = []
         for row in picked:
             image = teachers[best].generate([row["prompt"]], [row["seeds"][0]])[0]
-            single.append({**row, "images": [D.encode_png(image)], "generators": [f"teacher:{best}"]})
+            single.append({**row, "images": [curation_store.encode_png(image)], "generators": [f"teacher:{best}"]})
         s_t = sft_and_eval(picked, base, "tournament", seed, out, args)
         s_t.update(selection_rates=rates, picks=len(picked))
         s_b = sft_and_eval(single, base, "best_single", seed, out, args)
@@ -185,8 +195,11 @@ def report(results: dict, args, out: Path) -> str:
         cost = fmt([r.get("teacher_cost", 0) for r in runs]) if key != "start" else "0"
         calls = fmt([r.get("teacher_calls", 0) for r in runs]) if key != "start" else "0"
         size = fmt([r.get("rows", 0) for r in runs]) if key != "start" else "-"
-        lines.append(f"| {key} | {cost} | {calls} | {size} | " + " | ".join(fmt([r["categories"][c] for r in runs])
-                                                               for c in cats) + f" | {fmt([r['overall'] for r in runs])} |")
+        lines.append(
+            f"| {key} | {cost} | {calls} | {size} | "
+            + " | ".join(fmt([r["categories"][c] for r in runs]) for c in cats)
+            + f" | {fmt([r['overall'] for r in runs])} |"
+        )
     if "tournament" in results:
         lines += ["", "| teacher | " + " | ".join(cats) + " | mean |", "|---" * (len(cats) + 2) + "|"]
         for t, rates in zip(TEACHERS, mean_selection_rates(results, cats)):
@@ -194,7 +207,11 @@ def report(results: dict, args, out: Path) -> str:
         lines += ["", "| SFT on | " + " | ".join(cats) + " | overall |", "|---" * (len(cats) + 2) + "|"]
         for key in ("start", "tournament", "best_single"):
             runs = results[key]
-            label = key if key != "best_single" else "best_single (" + ", ".join(sorted({r["teacher"] for r in runs})) + ")"
+            label = (
+                key
+                if key != "best_single"
+                else "best_single (" + ", ".join(sorted({r["teacher"] for r in runs})) + ")"
+            )
             lines.append(f"| {label} | " + " | ".join(fmt([r["categories"][c] for r in runs]) for c in cats)
                          + f" | {fmt([r['overall'] for r in runs])} |")
     return "\n".join(lines)

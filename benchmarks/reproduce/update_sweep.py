@@ -68,7 +68,9 @@ def own_samples(gen, per_category: int, samples: int, cache: Path):
         for j, p in enumerate(sample_prompts(c, per_category, 777)):
             for k in range(samples):  # seeds far from ShapesEval's (seed * 1e6 + ...)
                 prompts.append(p), cats.append(c), seeds.append(900_000_000 + ci * 100_000 + j * 100 + k)
-    images = np.stack([im for i in range(0, len(prompts), 64) for im in gen.generate(prompts[i:i + 64], seeds[i:i + 64])])
+    images = np.stack(
+        [im for i in range(0, len(prompts), 64) for im in gen.generate(prompts[i : i + 64], seeds[i : i + 64])]
+    )
     np.savez(cache, p=prompts, c=cats, s=seeds, i=images)
     return prompts, cats, seeds, images
 
@@ -80,16 +82,22 @@ def datasets(prompts, cats, seeds, images) -> dict[str, list[dict]]:
     for p, c, s, im, o in zip(prompts, cats, seeds, images, ok):
         by_prompt[(p, c)].append((im, s, o))
     clean_img = {pc: clean.generate([pc[0]], [i])[0] for i, pc in enumerate(sorted(by_prompt))}
-    data = {"rft": [sft_row(p, c, im, "self", s) for p, c, s, im, o in zip(prompts, cats, seeds, images, ok) if o],
-            "clean": [sft_row(p, c, im, "teacher:clean", i) for i, ((p, c), im) in enumerate(sorted(clean_img.items()))],
-            "sq": [sft_row(p, c, clean.generate([p], [50_000 + i])[0], "teacher:clean", 50_000 + i)
-                   for i, (p, c) in enumerate((p, c) for c in CATEGORIES for p in sample_prompts(c, 200, 5)
-                                              if "square" in p)],
-            "spin": [], "onp": []}
+    data = {
+        "rft": [sft_row(p, c, im, "self", s) for p, c, s, im, o in zip(prompts, cats, seeds, images, ok) if o],
+        "clean": [sft_row(p, c, im, "teacher:clean", i) for i, ((p, c), im) in enumerate(sorted(clean_img.items()))],
+        "sq": [
+            sft_row(p, c, clean.generate([p], [50_000 + i])[0], "teacher:clean", 50_000 + i)
+            for i, (p, c) in enumerate((p, c) for c in CATEGORIES for p in sample_prompts(c, 200, 5) if "square" in p)
+        ],
+        "spin": [],
+        "onp": [],
+    }
     for (p, c), lst in by_prompt.items():
         wins, fails = [x for x in lst if x[2]], [x for x in lst if not x[2]]
         if fails:
-            data["spin"].append(pair_row(p, c, clean_img[(p, c)], fails[0][0], ["teacher:clean", "self"], [0, fails[0][1]]))
+            data["spin"].append(
+                pair_row(p, c, clean_img[(p, c)], fails[0][0], ["teacher:clean", "self"], [0, fails[0][1]])
+            )
         for w, f in list(zip(wins, fails))[:3]:
             data["onp"].append(pair_row(p, c, w[0], f[0], ["self", "self"], [w[1], f[1]]))
     return data, float(np.mean(ok))
@@ -100,9 +108,18 @@ def train_arm(rows, base: str, arm: str):
     kind, steps, lr, *rest = arm.split(":")
     opts = dict(o.split("=") for o in rest)
     method = "sft" if kind in SFT_DATA else "dpo"
-    return train_lora(rows, base, {"method": method}, steps=int(steps), lr=float(lr), batch_size=int(opts.get("bs", 16)),
-                      seed=0, sft_weight=float(opts.get("sftw", 0)), lora=opts.get("full") != "1",
-                      cfg_dropout=float(opts.get("drop", 0)))
+    return train_lora(
+        rows,
+        base,
+        {"method": method},
+        steps=int(steps),
+        lr=float(lr),
+        batch_size=int(opts.get("bs", 16)),
+        seed=0,
+        sft_weight=float(opts.get("sftw", 0)),
+        lora=opts.get("full") != "1",
+        cfg_dropout=float(opts.get("drop", 0)),
+    )
 
 
 def table(results: dict) -> str:
@@ -142,7 +159,9 @@ def main(argv=None) -> dict:
     base = str(resolve_checkpoint(args.model))
     gen = PipelineGenerator(base, num_inference_steps=20, guidance_scale=3.0)
     t0 = time.time()
-    samples = own_samples(gen, args.per_category, args.samples, out / f"samples_{args.per_category}x{args.samples}.npz")
+    samples = own_samples(
+        gen, args.per_category, args.samples, out / f"samples_{args.per_category}x{args.samples}.npz"
+    )
     data, own_rate = datasets(*samples)
     results["_data"] = {"own_pass_rate": own_rate, "rows": {k: len(v) for k, v in data.items()},
                         "seconds": time.time() - t0}

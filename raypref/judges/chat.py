@@ -212,7 +212,9 @@ class OpenAIJudge(_ChatJudge):
     def _chat(self, text: str, image, want_p_yes: bool):
         content = [{"type": "text", "text": text}]
         if image is not None:
-            content.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + encode_png_b64(image)}})
+            content.append(
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + encode_png_b64(image)}}
+            )
         kwargs = {}
         if want_p_yes and self.top_logprobs > 0:
             kwargs = {"logprobs": True, "top_logprobs": self.top_logprobs}

@@ -17,7 +17,7 @@ from PIL import Image
 from raypref.rewards.clip import load_open_clip
 from raypref.rewards.common import batch_images, check_name, resolve_device, to_pil, with_score
 
-__all__ = ["AestheticMLP", "LaionAesthetic"]
+__all__ = ["AestheticMLP", "LaionAesthetic"]  # noqa: F822 - AestheticMLP comes from the module __getattr__
 
 
 @cache
@@ -69,7 +69,9 @@ def _load_head_state_dict(path: Path) -> dict:
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or "layers.0.weight" not in sd:
-        raise ValueError(f"aesthetic head {str(path)!r} is not an improved-aesthetic-predictor state dict (no 'layers.0.weight')")
+        raise ValueError(
+            f"aesthetic head {str(path)!r} is not an improved-aesthetic-predictor state dict (no 'layers.0.weight')"
+        )
     return sd
 
 
@@ -83,7 +85,16 @@ class LaionAesthetic:
         clip_arch: open_clip architecture name or model-config .json (checkpoint-file layout).
     """
 
-    def __init__(self, model_path, *, clip_path, clip_arch="ViT-L-14-quickgelu", device="cpu", name="aesthetic_laion", precision="fp32"):
+    def __init__(
+        self,
+        model_path,
+        *,
+        clip_path,
+        clip_arch="ViT-L-14-quickgelu",
+        device="cpu",
+        name="aesthetic_laion",
+        precision="fp32",
+    ):
         self.name = check_name(name)
         self.device = resolve_device(device)
         head_path = Path(model_path)
@@ -97,7 +108,9 @@ class LaionAesthetic:
 
         # The head's input width follows the CLIP embedding width (768 for ViT-L/14).
         with torch.no_grad():
-            dummy = self.preprocess(Image.new("RGB", (8, 8)))[None].to(self.device, dtype=next(self.clip.parameters()).dtype)
+            dummy = self.preprocess(Image.new("RGB", (8, 8)))[None].to(
+                self.device, dtype=next(self.clip.parameters()).dtype
+            )
             embed_dim = self.clip.encode_image(dummy).shape[-1]
         sd = _load_head_state_dict(head_path)
         if sd["layers.0.weight"].shape[1] != embed_dim:

@@ -46,15 +46,23 @@ def load_open_clip(model_path, arch=None, *, device="cpu", precision="fp32"):
         )
     if path.is_dir():
         if arch is not None:
-            raise ValueError(f"arch={arch!r} given with a model directory {str(path)!r}: the directory's open_clip_config.json defines the architecture")
+            raise ValueError(
+                f"arch={arch!r} given with a model directory {str(path)!r}: "
+                "the directory's open_clip_config.json defines the architecture"
+            )
         if not (path / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"open_clip model directory {str(path)!r} has no open_clip_config.json")
         if not any(p.suffix in _CKPT_SUFFIXES for p in path.iterdir()):
-            raise FileNotFoundError(f"open_clip model directory {str(path)!r} holds no weights file ({', '.join(_CKPT_SUFFIXES)})")
+            raise FileNotFoundError(
+                f"open_clip model directory {str(path)!r} holds no weights file ({', '.join(_CKPT_SUFFIXES)})"
+            )
         model_name, pretrained = f"local-dir:{path}", None
     else:
         if arch is None:
-            raise ValueError(f"model_path {str(path)!r} is a checkpoint file: pass arch= (an open_clip architecture name or a model-config .json path)")
+            raise ValueError(
+                f"model_path {str(path)!r} is a checkpoint file: "
+                "pass arch= (an open_clip architecture name or a model-config .json path)"
+            )
         arch = str(arch)
         if arch.endswith(".json"):
             cfg_path = Path(arch)
@@ -63,17 +71,27 @@ def load_open_clip(model_path, arch=None, *, device="cpu", precision="fp32"):
             cfg = json.loads(cfg_path.read_text())
             missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
             if missing:
-                raise ValueError(f"open_clip model config {arch!r} lacks {missing}; it must be a bare model config (for a {{'model_cfg': ...}} file use the directory layout)")
+                raise ValueError(
+                    f"open_clip model config {arch!r} lacks {missing}; it must be a bare model config "
+                    "(for a {'model_cfg': ...} file use the directory layout)"
+                )
             # Re-adding the path makes this file win if another config with the same stem was added earlier.
             open_clip.add_model_config(cfg_path)
             arch = cfg_path.stem
         elif arch not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip architecture {arch!r}: give a name from open_clip.list_models() or a model-config .json path")
+            raise ValueError(
+                f"unknown open_clip architecture {arch!r}: "
+                "give a name from open_clip.list_models() or a model-config .json path"
+            )
         model_name, pretrained = arch, str(path)
 
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=resolve_device(device), precision=precision, require_pretrained=True
+            model_name,
+            pretrained=pretrained,
+            device=resolve_device(device),
+            precision=precision,
+            require_pretrained=True,
         )
     except Exception as e:  # state-dict mismatch, unreadable file, ...
         raise RuntimeError(f"could not load open_clip model {model_name!r} from {str(path)!r}: {e}") from e
@@ -82,7 +100,7 @@ def load_open_clip(model_path, arch=None, *, device="cpu", precision="fp32"):
     return model, preprocess, tokenizer
 
 
-def open_clip_cosine(model, preprocess, tokenizer, prompts, images, device) -> "torch.Tensor":
+def open_clip_cosine(model, preprocess, tokenizer, prompts, images, device):
     """Cosine similarity of each (prompt, image) pair, in one batched forward pass.
 
     Args:
@@ -115,7 +133,9 @@ class ClipScore:
         self.device = resolve_device(device)
         if str(model_path) == "shipped":
             model_path = SHIPPED_CLIP
-        self.model, self.preprocess, self.tokenizer = load_open_clip(model_path, arch, device=self.device, precision=precision)
+        self.model, self.preprocess, self.tokenizer = load_open_clip(
+            model_path, arch, device=self.device, precision=precision
+        )
 
     def __call__(self, batch: dict) -> dict:
         prompts, images = prompts_and_images(batch)

@@ -11,13 +11,23 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["batch_prompts", "batch_images", "prompts_and_images", "to_pil", "with_score", "check_name", "resolve_device"]
+__all__ = [
+    "batch_prompts",
+    "batch_images",
+    "prompts_and_images",
+    "to_pil",
+    "with_score",
+    "check_name",
+    "resolve_device",
+]
 
 
 def check_name(name) -> str:
     """A reward name becomes a column suffix: require a plain identifier."""
     if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"reward name must be a non-empty identifier (it names the column score_<name>), got {name!r}")
+        raise ValueError(
+            f"reward name must be a non-empty identifier (it names the column score_<name>), got {name!r}"
+        )
     return name
 
 
@@ -36,7 +46,9 @@ def batch_prompts(batch: dict) -> list[str]:
         raise ValueError(f"batch has no 'prompt' column; columns: {sorted(batch)}")
     prompts = batch["prompt"]
     if isinstance(prompts, str) or np.ndim(prompts) != 1:
-        raise ValueError(f"batch['prompt'] must be 1-D [B] of str, got {type(prompts).__name__} of shape {np.shape(prompts)}")
+        raise ValueError(
+            f"batch['prompt'] must be 1-D [B] of str, got {type(prompts).__name__} of shape {np.shape(prompts)}"
+        )
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, bytes):

@@ -30,7 +30,9 @@ class HPSv2:
         self.device = resolve_device(device)
         if Path(model_path).is_dir():
             arch = None  # the directory's open_clip_config.json defines the architecture
-        self.model, self.preprocess, self.tokenizer = load_open_clip(model_path, arch, device=self.device, precision=precision)
+        self.model, self.preprocess, self.tokenizer = load_open_clip(
+            model_path, arch, device=self.device, precision=precision
+        )
 
     def __call__(self, batch: dict) -> dict:
         prompts, images = prompts_and_images(batch)

@@ -41,7 +41,9 @@ class PickScore:
         self.device = resolve_device(device)
         model_dir = _check_local_dir(model_path, "PickScore model_path", ("config.json",))
         proc_dir = _check_local_dir(
-            processor_path or model_path, "PickScore processor_path", ("processor_config.json", "preprocessor_config.json")
+            processor_path or model_path,
+            "PickScore processor_path",
+            ("processor_config.json", "preprocessor_config.json"),
         )
         self.processor = AutoProcessor.from_pretrained(proc_dir, local_files_only=True)
         self.model = CLIPModel.from_pretrained(model_dir, local_files_only=True, dtype=dtype).eval().to(self.device)
@@ -54,7 +56,9 @@ class PickScore:
         if not images:
             return with_score(batch, self.name, [])
         pix = self.processor(images=to_pil(images), return_tensors="pt")["pixel_values"]
-        text = self.processor(text=prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        text = self.processor(
+            text=prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         with torch.no_grad():
             img = self.model.get_image_features(pixel_values=pix.to(self.device, dtype=self.model.dtype)).pooler_output
             txt = self.model.get_text_features(

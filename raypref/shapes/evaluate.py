@@ -25,7 +25,9 @@ def eval_set(n_per_category: int, seed: int) -> list[tuple[str, str, int]]:
     ]
 
 
-def run_eval(generator, n_per_category: int, seed: int, out_dir: str | Path | None = None, batch_size: int = 64) -> dict:
+def run_eval(
+    generator, n_per_category: int, seed: int, out_dir: str | Path | None = None, batch_size: int = 64
+) -> dict:
     """Generate the eval set with ``generator`` (has ``generate(prompts, seeds)``), score it, and
     write it to ``out_dir`` when given. Returns the scores dict."""
     if n_per_category < 1:

@@ -154,7 +154,9 @@ class Teacher:
             image = _defects(image, self.profile, rng)
             if passes(scene, image) == want_pass:
                 return image
-        raise RuntimeError(f"teacher {self.name} found no {'passing' if want_pass else 'failing'} render of {prompt!r}")
+        raise RuntimeError(
+            f"teacher {self.name} found no {'passing' if want_pass else 'failing'} render of {prompt!r}"
+        )
 
     def generate(self, prompts, seeds) -> np.ndarray:
         """[B] prompts and seeds -> [B, H, W, 3] uint8; each call counted and costed."""
