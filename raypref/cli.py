@@ -22,7 +22,15 @@ import sys
 
 def _shapes_eval(args) -> int:
     from raypref.generators import build_generator
-    from raypref.shapes.evaluate import format_table, run_eval
+    from raypref.shapes.evaluate import format_table, rescore_dir, run_eval
+
+    if args.rescore:  # an existing evaluation set, scored again from its images by the spec's rules
+        if args.generator:
+            raise ValueError("give --generator or --rescore DIR, not both")
+        print(format_table({**rescore_dir(args.rescore), "generator": f"rescored {args.rescore}"}))
+        return 0
+    if not args.generator:
+        raise ValueError("give --generator SPEC (or --rescore DIR)")
 
     kwargs = {}
     if args.generator.startswith("checkpoint:"):
@@ -115,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--generator",
-        required=True,
         help="teacher:NAME (clean, prism, quill, vellum, zephyr) or checkpoint:PATH "
         "(a diffusers pipeline dir, a Ray Train checkpoint dir, or 'shipped' for the packaged base model)",
     )
@@ -125,11 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30, help="sampling steps for checkpoints (default 30)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance for checkpoints (default 3)")
     p.add_argument("--batch-size", type=int, default=64, help="images generated per call (default 64)")
+    p.add_argument("--rescore", metavar="DIR", help="re-score an evaluation set written by --out (no generation)")
     p.set_defaults(func=_shapes_eval)
 
     for name, (job, text) in FORWARD.items():
         # placeholders for the top-level help: main() hands these commands' arguments to the job
-        sub.add_parser(name, help=f"{text} (jobs/{job}.py; `raypref {name} --help` lists its options)",
+        sub.add_parser(name, help=f"{text} ({job}.main; `raypref {name} --help` lists its options)",
                        add_help=False)
 
     p = sub.add_parser(

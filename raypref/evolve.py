@@ -32,6 +32,7 @@ Design choices (why):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -210,8 +211,7 @@ def run(cfg: EvolveConfig, round_stages: Stages = Stages()) -> list[dict]:
 def parse_config(argv: list[str] | None = None) -> EvolveConfig:
     from raypref.config import load_config
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return load_config(PRESETS[args.preset](), args.config, args.overrides)
 
 
@@ -230,6 +230,8 @@ def build_parser(parser=None):
                         help="starting config: shapes_cpu (default; 2-core CPU, shipped base model), "
                              "sdxl_8xh100 / sd3_8xh100 (documented GPU examples)")
     parser.add_argument("--config", help="YAML file applied over the preset (same nesting as the config)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, Ray Data's and the model libraries' own output (default: in ray-logs/)")
     parser.add_argument("overrides", nargs="*",
                         help="section.key=value applied last, e.g. run.rounds=2 run.output_dir=/tmp/ev "
                              "model.base=/path/to/pipeline prefs.source=ospo train.loss.method=rankdpo "
@@ -241,20 +243,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Parse the config, connect to Ray (RAY_ADDRESS) or start a local one (run.num_cpus), run."""
     import ray
 
+    from raypref.console import link_ray_logs, quiet_libraries
+
+    args = build_parser().parse_args(argv)
     cfg = parse_config(argv)
+    verbose = args.verbose
+    if not verbose:
+        quiet_libraries()
     started = False
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
+        quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
         if address:  # a running cluster (ray job submit sets this): its resources, never ours
-            ray.init(address=address)
+            ray.init(address=address, **quiet)
         else:  # a fresh local Ray, never an unrelated running one
-            ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False)
+            ray.init(address="local", num_cpus=cfg.run.num_cpus, include_dashboard=False, **quiet)
         started = True
+    run_dir = Path(cfg.run.output_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logs = link_ray_logs(run_dir)
+    if logs and not verbose:
+        _log(cfg, f"Ray's logs (workers, Serve, Train): {logs}")
     try:
         manifests = run(cfg)
     finally:
         if started:
             ray.shutdown()
-    print(json.dumps([{"round": m["round"], "overall": m["scores"]["overall"], "checkpoint": m["checkpoint"]}
-                      for m in manifests], indent=1))
+    for m in manifests:
+        print(f"round {m['round']}: ShapesEval {m['scores']['overall']:.3f}  checkpoint {m['checkpoint']}")
     return manifests

@@ -96,7 +96,7 @@ class OptimSection:
     warmup_steps: int = 200
     batch_size: int = field(default=64, metadata={"help": "global, split across workers"})
     max_steps: int = 100_000
-    max_minutes: float = field(default=150.0, metadata={"help": "> 0: stop (and finish the LR schedule) by time"})
+    max_minutes: float = field(default=115.0, metadata={"help": "> 0: stop (and finish the LR schedule) by time"})
     grad_clip: float = 1.0
     ema_decay: float = 0.999
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from raypref.director import HandleJudge
@@ -20,11 +21,14 @@ class ServedJudge:
             from raypref.serving.judge import build_judge_app
 
             s, j = self.cfg.judge_serve, self.cfg.director.judge
+            logger = logging.getLogger("ray.serve")
+            level = logger.level  # what the driver asked for (WARNING unless --verbose)
             serve.start(proxy_location=s.proxy_location)  # no-op when Serve already runs
             app = build_judge_app(j.backend, j.kwargs(), num_cpus=s.num_cpus, num_gpus=s.num_gpus,
                                   autoscaling_config={"min_replicas": s.replicas, "max_replicas": s.replicas},
                                   max_batch_size=s.max_batch_size)
             handle = serve.run(app, name=s.app_name, route_prefix=None)
+            logger.setLevel(level)  # Serve re-configures its logger when it starts
             self.judge = HandleJudge(handle)
         return self.judge
 

@@ -135,6 +135,10 @@ def test_shapes_eval_cli_on_a_checkpoint(tiny, tmp_path, capsys):
     assert scores["n"] == 12 and rescore_dir(out)["categories"] == scores["categories"]
     assert cli_main(["shapes-eval", "--generator", f"checkpoint:{tmp_path}/missing", "--n-per-category", "1"]) == 2
     assert "no diffusers pipeline" in capsys.readouterr().err
+    assert cli_main(["shapes-eval", "--rescore", str(out)]) == 0  # the same figures, from the PNGs alone
+    assert f"| {scores['overall']:.3f} |" in capsys.readouterr().out
+    assert cli_main(["shapes-eval", "--rescore", str(tmp_path / "missing")]) == 2
+    assert "not an evaluation set" in capsys.readouterr().err
 
 
 def test_shipped_base_model_loads_generates_and_fits_the_budget():

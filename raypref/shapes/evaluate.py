@@ -63,6 +63,8 @@ def rescore_dir(out_dir) -> dict:
     from raypref.prefdata import decode_png
 
     out = Path(out_dir)
+    if not (out / "manifest.jsonl").exists():
+        raise ValueError(f"{out} is not an evaluation set (no manifest.jsonl)")
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
     result = shapes_eval([r["prompt"] for r in rows], [decode_png((out / r["image"]).read_bytes()) for r in rows])
     return _summary(result)
