@@ -37,19 +37,21 @@ def onpolicy_pairs(
     gen, per_category: int, samples: int, seed: int, max_pairs_per_prompt: int = 2
 ) -> tuple[list, dict]:
     """DPO rows (winner: a sample scoring 1.0, loser: one scoring below) from ``samples`` own samples
-    of ``per_category`` training prompts per category; -> (rows, stats)."""
+    of each of ``per_category`` training prompt slots per category; -> (rows, stats)."""
     prompts, cats, seeds = [], [], []
     for ci, c in enumerate(CATEGORIES):
-        for j, p in enumerate(dict.fromkeys(sample_prompts(c, per_category, 777 + seed))):
+        # drawn with replacement: a category with few distinct prompts (three single-object ones)
+        # still gets per_category prompt slots, each with its own seeds
+        for j, p in enumerate(sample_prompts(c, per_category, 777 + seed)):
             for k in range(samples):  # seeds far from ShapesEval's
                 prompts.append(p), cats.append(c)
                 seeds.append(900_000_000 + seed * 10_000_000 + ci * 100_000 + j * 100 + k)
     images = np.concatenate([gen.generate(prompts[i:i + 64], seeds[i:i + 64]) for i in range(0, len(prompts), 64)])
     score = np.array([faithfulness(p, im) for p, im in zip(prompts, images)])
-    rows, by_prompt = [], {}
+    rows, by_slot = [], {}
     for i, p in enumerate(prompts):
-        by_prompt.setdefault(p, []).append(i)
-    for p, idx in by_prompt.items():
+        by_slot.setdefault((p, seeds[i] // 100), []).append(i)  # the samples of one prompt slot
+    for (p, _), idx in by_slot.items():
         wins = [i for i in idx if score[i] == 1.0]
         fails = sorted((i for i in idx if score[i] < 1.0), key=lambda i: score[i])  # clearest failures first
         for w, f in list(zip(wins, fails))[:max_pairs_per_prompt]:
@@ -64,11 +66,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="shipped", help="starting checkpoint ('shipped' or a pipeline dir)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--minutes", type=float, default=5.0, help="training time cap per seed (sampling excluded)")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--steps", type=int, default=450)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--beta", type=float, default=None, help="loss.beta (default: the trainer's)")
     ap.add_argument("--batch-size", type=int, default=16, help="pairs per step")
-    ap.add_argument("--per-category", type=int, default=40, help="training prompts per category")
+    ap.add_argument("--per-category", type=int, default=40, help="training prompt slots per category")
     ap.add_argument("--samples", type=int, default=4, help="own samples per training prompt")
     ap.add_argument("--n-per-category", type=int, default=50, help="ShapesEval prompts per category")
     ap.add_argument("--sample-steps", type=int, default=30)

@@ -2,7 +2,7 @@
 self-improving rounds (build -> DPO -> the trained model builds the next round's pairs).
 
     python jobs/build_ospo.py                                   # preset shapes_cpu: shipped base model
-    python jobs/build_ospo.py --preset tiny_test run.output=/tmp/ospo.parquet
+    python jobs/build_ospo.py prompts.per_category=2 run.output=/tmp/ospo.parquet
     python jobs/build_ospo.py run.mode=naive run.output=/tmp/naive.parquet       # the comparison
     python jobs/build_ospo.py run.rounds=2 --train-preset shapes_cpu --train-method dpo
     ray job submit --working-dir . -- python jobs/build_ospo.py --config my.yaml run.use_ray=always

@@ -1,7 +1,7 @@
 """Build (or resume) a Syn-Pic preference dataset with Ray Data (RankDPO's recipe, no human labels).
 
     python jobs/build_synpic.py                                  # preset shapes_cpu: 4 teachers + shipped base
-    python jobs/build_synpic.py --preset tiny_test run.output_dir=/tmp/synpic \
+    python jobs/build_synpic.py prompts.n_per_category=2 run.output_dir=/tmp/synpic \
         "generators.specs=[teacher:prism,teacher:quill]"
     python jobs/build_synpic.py prompts.source=prompts.txt run.output_dir=/data/synpic run.chunk_size=512
     ray job submit --working-dir . -- python jobs/build_synpic.py --config synpic.yaml

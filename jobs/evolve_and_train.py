@@ -1,7 +1,7 @@
 """Self-evolving rounds: director curation -> SFT -> Syn-Pic / OSPO preferences -> DPO -> ShapesEval.
 
     python jobs/evolve_and_train.py                                   # preset shapes_cpu, a local Ray
-    python jobs/evolve_and_train.py --preset tiny_test model.base=/tmp/tiny run.output_dir=/tmp/ev
+    python jobs/evolve_and_train.py --config tiny.yaml model.base=/tmp/tiny run.output_dir=/tmp/ev
     python jobs/evolve_and_train.py prefs.source=ospo train.loss.method=dpo run.rounds=2
     python jobs/evolve_and_train.py train.loss.method=rankdpo                 # Syn-Pic ranking
     python jobs/evolve_and_train.py train.loss.method=balanced                # BalancedDPO consensus pairs

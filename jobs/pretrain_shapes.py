@@ -17,7 +17,8 @@ import sys
 import ray
 
 from raypref.config import job_parser, load_config, to_dict
-from raypref.pretrain import PRESETS, pretrain
+from raypref.pretrain import pretrain
+from raypref.pretrain_config import PRESETS
 
 if __name__ == "__main__":
     args = job_parser(__doc__, PRESETS).parse_args(sys.argv[1:])

@@ -7,7 +7,8 @@ import copy
 
 import torch
 
-from raypref.train import collate, errors
+from raypref.collate import collate
+from raypref.train import errors
 from raypref.train_config import DataSection, LossSection, TrainConfig
 from raypref.train_state import TrainState
 

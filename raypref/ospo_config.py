@@ -118,14 +118,4 @@ def shapes_cpu() -> OSPOConfig:
     return OSPOConfig()
 
 
-def tiny_test() -> OSPOConfig:
-    """Seconds-long builds for tests: a procedural teacher as the model, 2 prompts per category."""
-    return OSPOConfig(
-        prompts=PromptSection(per_category=2),
-        generate=GenerateSection(generator="teacher:vellum", slots=2),
-        run=RunSection(output="/tmp/raypref_ospo_tiny.parquet", use_ray="never", num_actors=2,
-                       cpus_per_actor=0.25, batch_size=8),
-    )
-
-
-PRESETS = {"shapes_cpu": shapes_cpu, "tiny_test": tiny_test}
+PRESETS = {"shapes_cpu": shapes_cpu}

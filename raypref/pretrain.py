@@ -16,127 +16,14 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from raypref.config import check
-from raypref.raytrain import RunSection, worker_threads
+from raypref.pretrain_config import PretrainConfig
+from raypref.raytrain import worker_threads
 from raypref.shapes.autoencoder import edge_weights, latent_scaling_factor, reconstruction_eval
 from raypref.shapes.teachers import render_pool
 from raypref.shapes.grammar import eval_prompts
-from raypref.shapes.render import SIZE_RANGE
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    size: str = field(default="small", metadata={"help": "raypref.shapes.model.SIZES: tiny (16 px) or small (32 px)"})
-    init_seed: int = field(default=0, metadata={"help": "seed of the random initial weights"})
-
-    def __post_init__(self):
-        from raypref.shapes.model import SIZES
-
-        check(self.size in SIZES, f"model.size must be one of {list(SIZES)}, got {self.size!r}")
-
-
-@dataclass(frozen=True)
-class DataSection:
-    teacher: str = field(default="clean", metadata={"help": "raypref.shapes.teachers.PROFILES"})
-    pool_size: int = field(default=20000, metadata={"help": "renders per run, split across workers"})
-    size_range: tuple[int, int] = field(default=SIZE_RANGE, metadata={"help": "object sizes (px at 32 x 32)"})
-    cfg_dropout: float = field(default=0.1, metadata={"help": "fraction of empty prompts (classifier-free guidance)"})
-    seed: int = 0
-
-    def __post_init__(self):
-        from raypref.shapes.teachers import PROFILES
-
-        check(self.teacher in PROFILES, f"data.teacher must be one of {list(PROFILES)}, got {self.teacher!r}")
-        check(self.pool_size >= 1, f"data.pool_size must be >= 1, got {self.pool_size}")
-        check(len(self.size_range) == 2 and 1 <= self.size_range[0] <= self.size_range[1],
-              f"data.size_range must be (lo, hi) with 1 <= lo <= hi, got {self.size_range}")
-        check(0 <= self.cfg_dropout < 1, f"data.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
-
-
-@dataclass(frozen=True)
-class VAESection:
-    path: str = field(default="", metadata={"help": "a trained VAE directory to use instead of training one"})
-    # Every size a render may use, whatever data.size_range the denoiser learns: the VAE also encodes
-    # the teachers' and the model's images during preference training.
-    size_range: tuple[int, int] = field(default=(4, 7), metadata={"help": "object sizes of the VAE's renders"})
-    lr: float = 1e-3
-    batch_size: int = field(default=32, metadata={"help": "global, split across workers"})
-    max_steps: int = 4000
-    max_minutes: float = field(default=22.0, metadata={"help": "> 0: stop (and finish the LR schedule) by time"})
-    # Crowded scenes of large objects leave 2 px between objects, which a decoder trained on a wider
-    # size range blurs shut (four objects read as fewer): the decoder alone then trains on the
-    # denoiser's renders; the encoder is frozen, so the latents (and the latent scaling) do not change.
-    decoder_minutes: float = field(default=15.0, metadata={"help": "then the decoder alone on data.size_range "
-                                                                   "(0 = skip)"})
-    warmup_steps: int = 100
-    kl_weight: float = field(default=1e-8, metadata={"help": "KL to N(0, 1), summed over the latent"})
-    edge_weight: float = field(default=5.0, metadata={"help": "loss weight of pixels on an object's edge"})
-    eval_per_category: int = field(default=50, metadata={"help": "clean renders per category in the "
-                                                                 "reconstruction ShapesEval (0 = none)"})
-
-    def __post_init__(self):
-        check(self.lr > 0, f"vae.lr must be > 0, got {self.lr}")
-        check(self.batch_size >= 1 and self.max_steps >= 1, "vae.batch_size and vae.max_steps must be >= 1")
-        check(self.max_minutes >= 0 and self.decoder_minutes >= 0,
-              f"vae.max_minutes and vae.decoder_minutes must be >= 0, got {self.max_minutes}, {self.decoder_minutes}")
-        check(self.kl_weight >= 0 and self.edge_weight >= 1, "vae.kl_weight must be >= 0 and vae.edge_weight >= 1")
-        check(len(self.size_range) == 2 and 1 <= self.size_range[0] <= self.size_range[1],
-              f"vae.size_range must be (lo, hi) with 1 <= lo <= hi, got {self.size_range}")
-
-
-@dataclass(frozen=True)
-class OptimSection:
-    lr: float = 4e-4
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.0
-    warmup_steps: int = 200
-    batch_size: int = field(default=64, metadata={"help": "global, split across workers"})
-    max_steps: int = 100_000
-    max_minutes: float = field(default=115.0, metadata={"help": "> 0: stop (and finish the LR schedule) by time"})
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-
-    def __post_init__(self):
-        check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        check(self.batch_size >= 1 and self.max_steps >= 1, "optim.batch_size and optim.max_steps must be >= 1")
-        check(0 <= self.ema_decay < 1, f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
-        check(self.max_minutes >= 0, f"optim.max_minutes must be >= 0, got {self.max_minutes}")
-
-
-@dataclass(frozen=True)
-class EvalSection:
-    every: int = field(default=2000, metadata={"help": "steps between quick ShapesEvals of the EMA model (0 = never)"})
-    per_category: int = field(default=10, metadata={"help": "prompts per category of the quick ShapesEval"})
-
-    def __post_init__(self):
-        check(self.every >= 0 and self.per_category >= 1, "eval.every must be >= 0 and eval.per_category >= 1")
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    vae: VAESection = field(default_factory=VAESection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    run: RunSection = field(default_factory=lambda: RunSection(name="pretrain-shapes", checkpoint_every=500))
-
-    def __post_init__(self):
-        for name, bs in (("optim", self.optim.batch_size), ("vae", self.vae.batch_size)):
-            check(bs % self.run.num_workers == 0,
-                  f"{name}.batch_size {bs} must divide by run.num_workers {self.run.num_workers}")
-
-
-def shapes_cpu() -> PretrainConfig:
-    """The shipped base model's recipe on a 2-core CPU."""
-    return PretrainConfig()
-
-
-PRESETS = {"shapes_cpu": shapes_cpu}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -347,6 +234,13 @@ def denoiser_loop(config: dict) -> None:
     pipe = build_pipeline(cfg.model.size, seed=cfg.model.init_seed, vae=vae).to(device)
     pipe.set_progress_bar_config(disable=True)
     vae.requires_grad_(False)
+    if cfg.model.init_from:  # continued training: a checkpoint of this run, if any, overrides it below
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        src = os.path.expanduser(cfg.model.init_from)
+        pipe.unet.load_state_dict(UNet2DConditionModel.from_pretrained(src, subfolder="unet").state_dict())
+        pipe.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(src, subfolder="text_encoder").state_dict())
     params = [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)

@@ -207,3 +207,11 @@ def load_checkpoint(state: TrainState, directory: str) -> None:
             p.copy_(v)
     state.optimizer.load_state_dict(s["optim"])
     state.step, state.skipped_rows = s["step"], s["skipped_rows"]
+
+
+def autocast(state: TrainState):
+    """The autocast context of the state's precision and device (a no-op on CPU fp32)."""
+    dtype = autocast_dtype(state.cfg.optim.precision, state.device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(state.device.type, dtype=dtype)

@@ -298,7 +298,8 @@ def test_best_teacher_and_selection_rates():
 
 
 def test_sft_table_is_what_train_sft_reads(tmp_path):
-    from raypref.train import COLUMNS, LossSection, select
+    from raypref.collate import COLUMNS, select
+    from raypref.train_config import LossSection
 
     teachers = {"clean": _teacher("clean")}
     prompts = all_prompts("colors")[:3]

@@ -218,7 +218,8 @@ def test_same_seed_same_image_tiny_pipeline_and_build(tmp_path, scorer):
 
 
 def test_ospo_rows_validate_load_and_mean_what_they_say(tmp_path, scorer):
-    from raypref.train import LossSection, select
+    from raypref.collate import select
+    from raypref.train_config import LossSection
 
     cfg = ospo_tiny()
     rows, records, summary = ospo.build_pairs(cfg, build_generator(cfg.generate.generator), scorer)

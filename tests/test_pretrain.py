@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from raypref.config import load_config, merge
-from raypref.pretrain import (
-    PRESETS, DataSection, EvalSection, ModelSection, OptimSection, PretrainConfig, VAESection, denoiser_trainer,
-    lr_factor, pretrain,
+from raypref.pretrain import denoiser_trainer, lr_factor, pretrain
+from raypref.pretrain_config import (
+    PRESETS, DataSection, EvalSection, ModelSection, OptimSection, PretrainConfig, VAESection,
 )
 from raypref.raytrain import RunSection
 from raypref.shapes.autoencoder import edge_weights
@@ -110,6 +110,26 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, tmp_path):
     assert result.metrics["step"] == 300
     assert result.metrics["resumed_from_step"] >= 10  # restarted from a checkpoint, not from step 0
 
+
+
+def test_continued_training_starts_from_a_saved_pipeline(ray_local, tmp_path):
+    """model.init_from: stage 2 starts from the saved pipeline's UNet and text encoder (a tiny learning
+    rate and one step leave them where they started), not from the random initialisation."""
+    from diffusers import DiffusionPipeline
+
+    src = build_pipeline("tiny", seed=5)
+    src.save_pretrained(tmp_path / "src")
+    cfg = merge(_cfg(tmp_path, "cont", max_steps=1, lr=1e-9), {
+        "model": {"init_from": str(tmp_path / "src")}, "vae": {"path": str(tmp_path / "src" / "vae")},
+        "run": {"num_workers": 1, "checkpoint_every": 1}})
+    out = pretrain(cfg)
+    assert "vae" not in out  # vae.path set: no VAE stage
+    got = DiffusionPipeline.from_pretrained(out["denoiser"]["pipeline"])
+    for name in ("unet", "text_encoder"):
+        assert torch.allclose(_params(getattr(got, name)), _params(getattr(src, name)), atol=1e-6), name
+    assert not torch.allclose(_params(got.unet), _params(build_pipeline("tiny", seed=cfg.model.init_seed).unet))
+    with pytest.raises(ValueError, match=r"model.init_from .* is not a saved pipeline \(no unet/"):
+        ModelSection(init_from=str(tmp_path))
 
 
 def test_every_preset_builds_and_validates():

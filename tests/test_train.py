@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from raypref import heldout, train, train_config, train_state
+from raypref import collate, heldout, train, train_config, train_state
 from raypref.lora import fold_lora, load_lora, merge_lora_checkpoint
 from raypref.models import load_adapter
 from raypref.prefdata import make_row, to_table
@@ -152,7 +152,7 @@ def test_sft_weight_adds_the_winners_error(method, rows):
     """loss = preference loss + sft_weight x (per prompt) mean error of the winning image(s)."""
     lam = 0.5
     state = train_state.build_state(tiny_cfg(method, sft_weight=lam), pipe=tiny_model("shapes"))
-    batch = heldout.collate(rows, state)
+    batch = collate.collate(rows, state)
     with torch.no_grad():
         err = heldout.errors(state, batch)
         if method == "rankdpo":
@@ -172,8 +172,8 @@ def test_sft_weight_adds_the_winners_error(method, rows):
 
 def test_noise_shared_per_prompt_and_independent_of_split(rows):
     state = train_state.build_state(tiny_cfg("rankdpo"), pipe=tiny_model("shapes"))
-    whole = heldout.collate(rows, state)
-    halves = [heldout.collate(rows[:2], state), heldout.collate(rows[2:], state)]
+    whole = collate.collate(rows, state)
+    halves = [collate.collate(rows[:2], state), collate.collate(rows[2:], state)]
     assert whole["x0"].shape == (16, 4, RES // 2, RES // 2)  # B * K latents, one forward
     noise = whole["noise"].view(4, 4, -1)
     assert torch.equal(noise[:, :1].expand_as(noise), noise)  # K images of a prompt share the noise
@@ -182,7 +182,7 @@ def test_noise_shared_per_prompt_and_independent_of_split(rows):
     torch.testing.assert_close(torch.cat([h["noise"] for h in halves]), whole["noise"], rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([h["t"] for h in halves]), whole["t"], rtol=0, atol=0)
     state.step += 1
-    assert not torch.equal(heldout.collate(rows, state)["noise"], whole["noise"])  # fresh draw each step
+    assert not torch.equal(collate.collate(rows, state)["noise"], whole["noise"])  # fresh draw each step
 
 
 def test_cfg_dropout_trains_some_rows_on_the_empty_prompt(rows):
@@ -197,8 +197,8 @@ def test_cfg_dropout_trains_some_rows_on_the_empty_prompt(rows):
     dropped = []
     for step in range(10):
         state.step = step
-        whole = heldout.collate(rows, state)
-        halves = [heldout.collate(rows[:2], state), heldout.collate(rows[2:], state)]
+        whole = collate.collate(rows, state)
+        halves = [collate.collate(rows[:2], state), collate.collate(rows[2:], state)]
         torch.testing.assert_close(torch.cat([h["cond"][key] for h in halves]), whole["cond"][key], rtol=0, atol=0)
         for b in range(len(rows)):
             conds = whole["cond"][key][whole["row"] == b]
@@ -208,7 +208,7 @@ def test_cfg_dropout_trains_some_rows_on_the_empty_prompt(rows):
             dropped.append(is_empty[0])
     assert 0.3 <= np.mean(dropped) <= 0.7, np.mean(dropped)
     plain = train_state.build_state(cfg, pipe=tiny_model("shapes"))
-    assert not any(torch.equal(c, empty) for c in heldout.collate(rows, plain)["cond"][key])
+    assert not any(torch.equal(c, empty) for c in collate.collate(rows, plain)["cond"][key])
     with pytest.raises(ValueError, match="cfg_dropout"):
         dataclasses.replace(cfg.data, cfg_dropout=1.0)
 
@@ -230,7 +230,7 @@ def test_reference_refresh_copies_policy(lora, rows):
 def test_sft_generator_target_and_bad_config(rows):
     state = train_state.build_state(tiny_cfg("sft", sft_target="generator", sft_generator="vellum"),
                           pipe=tiny_model("pixart"))
-    b = heldout.collate(rows, state)
+    b = collate.collate(rows, state)
     assert b["x0"].shape[0] == 4  # one vellum image per prompt
     with pytest.raises(ValueError, match="loss.method"):
         tiny_cfg("ppo")
@@ -258,27 +258,28 @@ def test_cached_epochs_read_once_and_replay_only_complete_epochs():
 def test_select_hand_worked():
     row = {"phi": [0.2, 0.9, 0.1, 0.9], "generators": ["a", "b", "a", "c"],
            "pairs": [{"i": 3, "j": 0, "votes_i": 3, "votes_j": 1}, {"i": 1, "j": 2, "votes_i": 2, "votes_j": 0}]}
-    assert train.select(row, train_config.LossSection(method="dpo")) == ([1, 2], [(0, 1, 1.0)])  # first max, min
-    assert train.select(row, train_config.LossSection(method="sft")) == ([1], [])
-    assert train.select(row, train_config.LossSection(method="sft", sft_target="generator", sft_generator="a")) == (
+    assert collate.select(row, train_config.LossSection(method="dpo")) == ([1, 2], [(0, 1, 1.0)])  # first max, min
+    assert collate.select(row, train_config.LossSection(method="sft")) == ([1], [])
+    assert collate.select(row, train_config.LossSection(method="sft", sft_target="generator", sft_generator="a")) == (
         [0, 2],
         [],
     )
-    assert train.select(row, train_config.LossSection(method="sft", sft_target="generator", sft_generator="z")) is None
+    sft_z = train_config.LossSection(method="sft", sft_target="generator", sft_generator="z")
+    assert collate.select(row, sft_z) is None
     # images 0, 1, 2, 3 are all in pairs; (3 beats 0) by 3:1 votes -> weight 0.5, (1 beats 2) 2:0 -> 1.0
-    assert train.select(row, train_config.LossSection(method="balanced", vote_weighting=True)) == (
+    assert collate.select(row, train_config.LossSection(method="balanced", vote_weighting=True)) == (
         [0, 1, 2, 3], [(3, 0, 0.5), (1, 2, 1.0)])
-    assert train.select({**row, "pairs": []}, train_config.LossSection(method="balanced")) is None
+    assert collate.select({**row, "pairs": []}, train_config.LossSection(method="balanced")) is None
     tied = {**row, "phi": [1.0, 1.0, 1.0, 1.0]}
     assert (
-        train.select(tied, train_config.LossSection(method="dpo")) is None
-        and train.select(tied, train_config.LossSection(method="rankdpo")) is None
+        collate.select(tied, train_config.LossSection(method="dpo")) is None
+        and collate.select(tied, train_config.LossSection(method="rankdpo")) is None
     )
 
 
 def test_dpo_all_pairs_uses_every_ordered_pair(rows):
     state = train_state.build_state(tiny_cfg("dpo", dpo_pairs="all"), pipe=tiny_model("shapes"))
-    b = heldout.collate(rows, state)
+    b = collate.collate(rows, state)
     assert b["x0"].shape[0] == 16 and b["pairs"].shape == (4 * 6, 3)  # K=4 distinct phi: 6 ordered pairs
     w_phi = torch.tensor([rows[0]["phi"][int(i) % 4] for i in b["pairs"][:, 0]])
     l_phi = torch.tensor([rows[0]["phi"][int(j) % 4] for j in b["pairs"][:, 1]])

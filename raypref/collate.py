@@ -1,0 +1,111 @@
+"""Rows of the preference table -> training batches: which images of a ranking row each method
+forwards (``select``), and one stacked forward batch with per-prompt noise and timesteps (``collate``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from raypref.train_config import LossSection
+from raypref.train_state import TrainState, autocast
+
+COLUMNS = ["prompt_id", "prompt", "images", "generators", "phi", "pairs"]
+
+
+def select(row: dict, cfg: LossSection) -> tuple[list[int], list[tuple[int, int, float]]] | None:
+    """Which images of a row to forward, and the (winner, loser, weight) pairs among them.
+
+    Indices in the pairs are positions in the returned image list. None: the row gives no
+    training signal for this method (all phi tied, no consensus pairs, no image of the generator).
+    """
+    phi = np.asarray(row["phi"], dtype=np.float64)
+    k = len(phi)
+    if cfg.method == "rankdpo":
+        return (list(range(k)), []) if phi.max() > phi.min() else None
+    if cfg.method == "sft":
+        if cfg.sft_target == "best":
+            return [int(np.argmax(phi))], []
+        idx = [i for i, g in enumerate(row["generators"]) if g == cfg.sft_generator]
+        return (idx, []) if idx else None
+    if cfg.method == "balanced":
+        pairs = row["pairs"] or []
+        if not pairs:
+            return None
+        idx = sorted({p["i"] for p in pairs} | {p["j"] for p in pairs})
+        pos = {v: n for n, v in enumerate(idx)}
+        out = []
+        for p in pairs:
+            w = 1.0
+            if cfg.vote_weighting:
+                total = p["votes_i"] + p["votes_j"]
+                w = (p["votes_i"] - p["votes_j"]) / total if total > 0 else 0.0
+            out.append((pos[p["i"]], pos[p["j"]], float(w)))
+        return idx, out
+    # dpo
+    if phi.max() <= phi.min():
+        return None
+    if cfg.dpo_pairs == "best_worst":
+        return [int(np.argmax(phi)), int(np.argmin(phi))], [(0, 1, 1.0)]
+    return list(range(k)), [(i, j, 1.0) for i in range(k) for j in range(k) if phi[i] > phi[j]]
+
+
+def _row_seed(seed: int, step: int, pid: str) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7919 + int(pid[:15], 16)) % (2**63 - 1)
+
+
+def collate(rows: list[dict], state: TrainState) -> dict:
+    """Rows of the preference table -> one forward batch.
+
+    If no row is usable: ``{"n_rows": 0, "skipped": len(rows)}``. Else a dict with ``x0`` [N, C, H, W],
+    ``noise`` like x0,
+    ``t`` [N], ``cond`` (per image), ``row`` [N] (prompt index of each image), ``pairs`` [P, 3]
+    long (winner, loser, prompt) and ``pair_w`` [P], ``phi`` [B, K] (rankdpo), ``n_rows`` B,
+    ``skipped`` (rows without signal).
+    """
+    from raypref.prefdata import decode_png
+
+    cfg, pipe = state.cfg.loss, state.pipe
+    schedule = pipe.noise_schedule()
+    images, row_of, prompts, pairs, pair_w, phis, noises = [], [], [], [], [], [], []
+    skipped = 0
+    for row in rows:
+        sel = select(row, cfg)
+        if sel is None:
+            skipped += 1
+            continue
+        idx, row_pairs = sel
+        b, base = len(prompts), len(images)
+        prompts.append(row["prompt"])
+        images += [decode_png(row["images"][i]) for i in idx]
+        row_of += [b] * len(idx)
+        pairs += [(base + i, base + j, b) for i, j, _ in row_pairs]
+        pair_w += [w for _, _, w in row_pairs]
+        phis.append([float(v) for v in row["phi"]])
+        noises.append(_row_seed(state.cfg.data.seed, state.step, row["prompt_id"]))
+    if not prompts:
+        return {"n_rows": 0, "skipped": skipped}
+    with torch.no_grad():
+        x0 = pipe.encode_images(np.stack(images)).to(state.device, torch.float32)
+        row_t = torch.as_tensor(row_of, device=state.device)
+        noise_rows, t_rows = [], []
+        for b, s in enumerate(noises):  # one noise, t and prompt dropout per prompt, shared by its images
+            g = torch.Generator().manual_seed(s)
+            t_rows.append(schedule.sample_timesteps(1, generator=g))
+            noise_rows.append(torch.randn(x0.shape[1:], generator=g))
+            if state.cfg.data.cfg_dropout > 0 and torch.rand((), generator=g) < state.cfg.data.cfg_dropout:
+                prompts[b] = ""
+        noise = torch.stack(noise_rows).to(state.device)[row_t]
+        t = torch.cat(t_rows).to(state.device)[row_t]
+        with autocast(state):
+            cond = pipe.encode_prompts(prompts)
+        cond = {k: v.detach().float()[row_t] for k, v in cond.items()}
+    out = {"x0": x0, "noise": noise, "t": t, "cond": cond, "row": row_t, "n_rows": len(prompts),
+           "skipped": skipped,
+           "pairs": torch.as_tensor(pairs, dtype=torch.long, device=state.device).reshape(-1, 3),
+           "pair_w": torch.as_tensor(pair_w, dtype=torch.float32, device=state.device)}
+    if cfg.method == "rankdpo":
+        ks = {len(p) for p in phis}
+        if len(ks) != 1:
+            raise ValueError(f"rankdpo needs the same K for every prompt of a batch, got K in {sorted(ks)}")
+        out["phi"] = torch.as_tensor(phis, dtype=torch.float32, device=state.device)
+    return out
