@@ -33,6 +33,14 @@ from raypref.shapes.grammar import CATEGORIES, sample_prompts  # noqa: E402
 from raypref.shapes.score import faithfulness  # noqa: E402
 
 
+def own_samples(gen, prompts: list[str], seeds: list[int], chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The model's images of ``prompts`` at ``seeds`` (generated ``chunk`` at a time) and their
+    faithfulness (1.0 exactly when ShapesEval passes); -> (images [N, H, W, 3], scores [N])."""
+    images = np.concatenate([gen.generate(prompts[i:i + chunk], seeds[i:i + chunk])
+                             for i in range(0, len(prompts), chunk)])
+    return images, np.array([faithfulness(p, im) for p, im in zip(prompts, images)])
+
+
 def onpolicy_pairs(
     gen, per_category: int, samples: int, seed: int, max_pairs_per_prompt: int = 2
 ) -> tuple[list, dict]:
@@ -46,8 +54,7 @@ def onpolicy_pairs(
             for k in range(samples):  # seeds far from ShapesEval's
                 prompts.append(p), cats.append(c)
                 seeds.append(900_000_000 + seed * 10_000_000 + ci * 100_000 + j * 100 + k)
-    images = np.concatenate([gen.generate(prompts[i:i + 64], seeds[i:i + 64]) for i in range(0, len(prompts), 64)])
-    score = np.array([faithfulness(p, im) for p, im in zip(prompts, images)])
+    images, score = own_samples(gen, prompts, seeds)
     rows, by_slot = [], {}
     for i, p in enumerate(prompts):
         by_slot.setdefault((p, seeds[i] // 100), []).append(i)  # the samples of one prompt slot

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
+from movability import own_samples  # benchmarks/, the script's own directory
+from common import names  # benchmarks/reproduce, which importing movability puts on sys.path
 
 from raypref.checkpoints import resolve_checkpoint
 from raypref.generators import PipelineGenerator
 from raypref.shapes.grammar import CATEGORIES, sample_prompts
-from raypref.shapes.score import faithfulness
 
 
 def main(argv=None) -> dict:
@@ -38,10 +38,10 @@ def main(argv=None) -> dict:
         ps = sample_prompts(c, args.prompts, 4242)
         prompts = [p for p in ps for _ in range(args.k)]
         seeds = [800_000_000 + ci * 100_000 + j * 100 + k for j in range(len(ps)) for k in range(args.k)]
-        images = np.concatenate([gen.generate(prompts[i:i + 64], seeds[i:i + 64]) for i in range(0, len(prompts), 64)])
-        passed = np.array([faithfulness(p, im) == 1.0 for p, im in zip(prompts, images)]).reshape(len(ps), args.k)
+        _, scores = own_samples(gen, prompts, seeds)
+        passed = (scores == 1.0).reshape(len(ps), args.k)
         for p, row in zip(ps, passed):
-            out.setdefault((c, args.shape in p.split() or args.shape + "s" in p.split()), []).append(int(row.sum()))
+            out.setdefault((c, names(p, args.shape)), []).append(int(row.sum()))
     print(f"| category | prompts naming a {args.shape} (passes of {args.k}) | prompts naming none |")
     print("|---|---|---|")
     for c in CATEGORIES:
