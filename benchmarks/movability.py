@@ -3,7 +3,10 @@
 For each seed: sample the start model on training prompts (disjoint from ShapesEval's prompts and
 seeds), label its own samples with the faithfulness reward (1.0 exactly when ShapesEval passes),
 pair a passing sample with a failing one of the same prompt, and train LoRA Diffusion-DPO in this
-process for at most ``--minutes``; then ShapesEval before and after on the same 300 eval images.
+process; with ``--iterations N`` the sample-pair-train loop runs N times, each from the model the
+last one left (LoRA folded in, fresh prompts and seeds), on-policy throughout. Training time over all
+iterations is at most ``--minutes`` (sampling excluded); then ShapesEval before and after on the same
+300 eval images.
 
     .venv/bin/python benchmarks/movability.py --out outputs/movability
 
@@ -73,6 +76,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="shipped", help="starting checkpoint ('shipped' or a pipeline dir)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--minutes", type=float, default=5.0, help="training time cap per seed (sampling excluded)")
+    ap.add_argument("--iterations", type=int, default=1,
+                    help="on-policy sample-pair-train loops per seed, sharing the --minutes training budget")
     ap.add_argument("--steps", type=int, default=450)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--beta", type=float, default=None, help="loss.beta (default: the trainer's)")
@@ -102,20 +107,29 @@ def main(argv=None) -> dict:
         key = f"s{seed}"
         if key in results:
             continue
-        t0 = time.time()
-        rows, stats = onpolicy_pairs(gen, args.per_category, args.samples, seed)
-        sample_s = time.time() - t0
-        t0 = time.time()
-        model, metrics = train_lora(rows, base, loss, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                    seed=seed, max_seconds=args.minutes * 60)
-        train_s = time.time() - t0
+        model, start, sample_s, train_s, stats, metrics, steps = None, base, 0.0, 0.0, {}, {}, 0
+        for it in range(args.iterations):
+            t0 = time.time()
+            sampler = gen if model is None else Sampler(model, f"it{it}", steps=args.sample_steps)
+            rows, stats = onpolicy_pairs(sampler, args.per_category, args.samples, seed + 100 * it)
+            sample_s += time.time() - t0
+            t0 = time.time()
+            model, metrics = train_lora(rows, start, loss, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                        seed=seed + 100 * it, max_seconds=args.minutes * 60 / args.iterations)
+            train_s += time.time() - t0
+            steps += int(metrics.get("step") or 0)
+            if it < args.iterations - 1:  # the next iteration's policy and reference
+                start = str(out / f"model_{key}_it{it}")
+                model.save_pretrained(start)
+            print(f"seed {seed} iteration {it}: {stats['pairs']} pairs (own pass rate {stats['own_pass_rate']:.2f}), "
+                  f"{metrics.get('step')} steps", flush=True)
         after = run_eval(Sampler(model, f"dpo_{key}", steps=args.sample_steps), args.n_per_category, 0,
                          out / f"after_{key}")
-        results[key] = {**after, **stats, "sample_seconds": sample_s, "train_seconds": train_s,
-                        "steps": metrics.get("step"), "gain": after["overall"] - before, "last_metrics": metrics}
+        results[key] = {**after, **stats, "sample_seconds": sample_s, "train_seconds": train_s, "steps": steps,
+                        "iterations": args.iterations, "gain": after["overall"] - before, "last_metrics": metrics}
         save_results(rpath, results)
-        print(f"seed {seed}: {stats['pairs']} pairs (own pass rate {stats['own_pass_rate']:.2f}, sampled in "
-              f"{sample_s:.0f} s), {metrics.get('step')} steps in {train_s:.0f} s: ShapesEval {before:.3f} -> "
+        print(f"seed {seed}: {args.iterations} iteration(s), sampled in {sample_s:.0f} s, {steps} steps in "
+              f"{train_s:.0f} s: ShapesEval {before:.3f} -> "
               f"{after['overall']:.3f} " + json.dumps(after["shapes"]), flush=True)
     gains = [results[f"s{s}"]["gain"] for s in args.seeds]
     print("| model | " + " | ".join(CATEGORIES) + " | overall |")

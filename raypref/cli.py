@@ -94,7 +94,8 @@ def _serve(args) -> int:
         section = JudgeSection(backend=args.judge, error_rate=args.judge_error_rate, model=args.judge_model,
                                base_url=args.judge_base_url)
         serve.run(build_judge_app(args.judge, section.kwargs(), num_cpus=args.num_cpus,
-                                  autoscaling_config={"min_replicas": 1, "max_replicas": 1}),
+                                  autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+                                  api_key=os.environ.get(args.api_key_env) or None),
                   name="judge", route_prefix="/judge")
         apps.append("judge")
         print(f"judge: POST http://{args.host}:{args.port}/judge/<discriminate|vqa|questions|expand|mutate>")
@@ -143,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="serve the images API (OpenAI-compatible) and/or the judge on this machine",
         description="Start Ray Serve (on RAY_ADDRESS's cluster, or a local Ray) with the images app "
-                    "(serve/images.py: POST /v1/images/generations) and/or the judge app (serve/judge.py: "
-                    "POST /judge/<op>), bound to --host:--port, and block until Ctrl-C.",
+                    "(raypref/serving/images.py: POST /v1/images/generations) and/or the judge app "
+                    "(raypref/serving/judge.py: POST /judge/<op>), bound to --host:--port, and block until Ctrl-C.",
     )
     p.add_argument("--images", action="store_true", help="serve the image model (OpenAI images API at /v1)")
     p.add_argument("--checkpoint", default="shipped",
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0, help="images: classifier-free guidance (default 3)")
     p.add_argument("--max-n", type=int, default=4, help="images: most images per request (default 4)")
     p.add_argument("--api-key-env", default="RAYPREF_API_KEY",
-                   help="images: environment variable holding the bearer token (unset or empty: no auth)")
+                   help="environment variable holding the bearer token both apps require (unset or empty: no auth)")
     p.add_argument("--judge", metavar="BACKEND", help="serve the judge too: shapes | openai | transformers")
     p.add_argument("--judge-error-rate", type=float, default=0.0, help="judge (shapes): simulated error rate")
     p.add_argument("--judge-model", default="", help="judge (openai: served model name; transformers: model path)")

@@ -104,7 +104,7 @@ def run_round(cfg: EvolveConfig, run_dir: Path, r: int, ckpt: Path, judge, spend
     stage with a stage.json is not run again; a stage that runs adds what it paid to ``spend``."""
     rdir = round_dir(run_dir, r)
     rdir.mkdir(parents=True, exist_ok=True)
-    ctx = stages.RoundContext(run_dir=run_dir, r=r, ckpt=ckpt, judge=judge)
+    ctx = stages.RoundContext(run_dir=run_dir, r=r, ckpt=ckpt, judge=judge, paid=spend.paid)
     for name in (STAGES if r > 0 else ("eval",)):
         _log(cfg, f"round {r}: {name}")
         fn = getattr(round_stages, name)

@@ -1,9 +1,14 @@
 """What a run pays for: per-teacher image counts and costs, and each driver invocation's own bill.
 
+Two views of spend, because a crash separates them. **Paid**: ``PaidLedger`` appends one line to
+``spend.jsonl`` for every generator or judge call the moment it returns, before its result is used
+(flushed and fsynced), so work paid for and then lost to a crash still counts. **Committed**: what
+the stages record for the work they kept (Syn-Pic's chunk stats, a stage's ``spent``).
 ``TeacherLedger`` counts a teacher's images and cost from the generator's own counters when it keeps
 them (what the "API" billed), else images x a default cost. ``InvocationLedger`` appends one line
-per driver invocation to ``invocations.jsonl`` with the calls that invocation made, so a resumed run
-can be checked to pay only for unfinished work.
+per driver invocation to ``invocations.jsonl`` with the calls that invocation's finished stages made;
+``read_invocations`` adds what each invocation paid according to ``spend.jsonl``, so a resumed run
+can be checked to pay only for unfinished work, and a crash's cost is visible.
 """
 
 from __future__ import annotations
@@ -47,6 +52,101 @@ def generate(gen, prompts, seeds, batch_size: int) -> list[np.ndarray]:
     return out
 
 
+def invocation_id() -> str:
+    """This process's invocation: its pid and start time (unique across re-runs of one run dir)."""
+    return f"{os.getpid()}-{time.time():.6f}"
+
+
+class PaidLedger:
+    """Append-only ``spend.jsonl``: one line ``{"t", "invocation", "scope", "source", "calls", "cost"}``
+    per paid call, written (flushed, fsynced) when the call returns and before its result is used.
+    ``scope`` names the job that paid (a Syn-Pic output dir, a driver stage) so one file serves a run.
+    Picklable: a Ray Data actor gets a copy and appends to the same file (one ``write`` per line with
+    ``O_APPEND``, so lines of concurrent writers do not interleave)."""
+
+    def __init__(self, path, invocation: str | None = None, scope: str = ""):
+        self.path, self.invocation, self.scope = str(path), invocation or invocation_id(), scope
+
+    def scoped(self, scope: str) -> PaidLedger:
+        return PaidLedger(self.path, self.invocation, scope)
+
+    def pay(self, source: str, calls: int, cost: float = 0.0) -> None:
+        line = json.dumps({"t": time.time(), "invocation": self.invocation, "scope": self.scope,
+                           "source": source, "calls": int(calls), "cost": float(cost)}) + "\n"
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_paid(path, scope: str | None = None, invocation: str | None = None) -> dict:
+    """Totals of ``spend.jsonl`` (lines of ``scope`` / ``invocation`` when given):
+    {"calls": {source: n}, "cost": {source: x}}. A torn last line (a crash mid-write) is skipped."""
+    out: dict = {"calls": {}, "cost": {}}
+    p = Path(path)
+    for line in p.read_text().splitlines() if p.exists() else []:
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (scope is None or e["scope"] == scope) and (invocation is None or e["invocation"] == invocation):
+            out["calls"][e["source"]] = out["calls"].get(e["source"], 0) + e["calls"]
+            out["cost"][e["source"]] = out["cost"].get(e["source"], 0.0) + e["cost"]
+    return out
+
+
+class MeteredJudge:
+    """A judge whose batch calls are paid into a ``PaidLedger`` (source "judge", one call per item)
+    as they return; everything else passes through."""
+
+    def __init__(self, judge, paid: PaidLedger):
+        self.judge, self.paid = judge, paid
+
+    def __getattr__(self, name):
+        return getattr(self.judge, name)
+
+    def _metered(self, name, n, *args):
+        out = getattr(self.judge, name)(*args)
+        self.paid.pay("judge", n)
+        return out
+
+    def discriminate_batch(self, prompts, images):
+        return self._metered("discriminate_batch", len(prompts), prompts, images)
+
+    def vqa_batch(self, images, questions):
+        return self._metered("vqa_batch", len(images), images, questions)
+
+    def expand_batch(self, prompts, n):
+        return self._metered("expand_batch", len(prompts), prompts, n)
+
+    def mutate_batch(self, n):
+        return self._metered("mutate_batch", n, n)
+
+
+class MeteredGenerator:
+    """A generator whose ``generate`` calls are paid into a ``PaidLedger`` as they return: calls and cost
+    from its own counters when it keeps them, else images x ``default_cost``."""
+
+    def __init__(self, gen, paid: PaidLedger, source: str, default_cost: float):
+        self.gen, self.paid, self.source, self.default_cost = gen, paid, source, default_cost
+
+    def __getattr__(self, name):
+        return getattr(self.gen, name)
+
+    def generate(self, prompts, seeds):
+        before = generator_counters(self.gen)
+        images = self.gen.generate(prompts, seeds)
+        after = generator_counters(self.gen)
+        if before is None or after is None:
+            self.paid.pay(self.source, len(prompts), len(prompts) * self.default_cost)
+        else:
+            self.paid.pay(self.source, after[0] - before[0], after[1] - before[1])
+        return images
+
+
 class TeacherLedger:
     """Counts teacher images and cost per teacher: from the generator's own counters when it keeps
     them (so the numbers are what the 'API' billed), else images x ``default_cost``."""
@@ -62,11 +162,11 @@ class TeacherLedger:
         images = generate(gen, prompts, seeds, batch_size)
         after = generator_counters(gen)
         if before is None or after is None:
-            self.calls[name] += len(prompts)
-            self.cost[name] += len(prompts) * self.default_cost
+            calls, cost = len(prompts), len(prompts) * self.default_cost
         else:
-            self.calls[name] += after[0] - before[0]
-            self.cost[name] += after[1] - before[1]
+            calls, cost = after[0] - before[0], after[1] - before[1]
+        self.calls[name] += calls
+        self.cost[name] += cost
         return images
 
 
@@ -75,7 +175,9 @@ class InvocationLedger:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "invocations.jsonl"
-        self.record = {"pid": os.getpid(), "started": time.time(), "rounds": [], "stages": [],
+        self.id = invocation_id()
+        self.paid = PaidLedger(run_dir / "spend.jsonl", self.id)  # what the stages pay, as they pay it
+        self.record = {"pid": os.getpid(), "started": time.time(), "invocation": self.id, "rounds": [], "stages": [],
                        "teacher_calls": 0, "teacher_cost": 0.0, "judge_calls": 0}
         self._write()  # an invocation that runs nothing is recorded too
 
@@ -98,5 +200,11 @@ class InvocationLedger:
 
 
 def read_invocations(run_dir) -> list[dict]:
+    """invocations.jsonl's records, each with ``paid``: what that invocation paid per spend.jsonl
+    (including the work of a stage it did not finish)."""
     p = Path(run_dir) / "invocations.jsonl"
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+    records = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+    for rec in records:
+        if "invocation" in rec:
+            rec["paid"] = read_paid(Path(run_dir) / "spend.jsonl", invocation=rec["invocation"])
+    return records

@@ -24,6 +24,7 @@ from raypref import director, ospo, synpic, train, train_state
 from raypref.config import merge
 from raypref.evolve_config import EvolveConfig
 from raypref.files import atomic_write_json
+from raypref.spend import MeteredGenerator, MeteredJudge, PaidLedger
 
 NO_SPEND = {"teacher_calls": 0, "teacher_cost": 0.0, "judge_calls": 0}
 
@@ -38,6 +39,7 @@ class RoundContext:
     ckpt: Path
     judge: object = None  # a raypref.served_judge.ServedJudge (``get()`` starts it)
     stats: dict = field(default_factory=dict)
+    paid: PaidLedger | None = None  # the run's spend.jsonl: stages pay teacher and judge calls as they return
 
 
 def checkpoint_resolution(path) -> int:
@@ -71,7 +73,13 @@ def stage_director(cfg: EvolveConfig, ctx: RoundContext, sdir: Path) -> dict:
 
     dcfg = linked_director(cfg, ctx.run_dir, ctx.ckpt)
     base = PipelineGenerator(str(ctx.ckpt), num_inference_steps=cfg.model.steps, guidance_scale=cfg.model.guidance)
-    result = director.curate(dcfg, ctx.r, base, director.build_teachers(dcfg), ctx.judge.get)
+    teachers, get_judge = director.build_teachers(dcfg), ctx.judge.get
+    if ctx.paid is not None:
+        paid = ctx.paid.scoped(f"round {ctx.r} director")
+        teachers = {name: MeteredGenerator(gen, paid, f"teacher:{name}", dcfg.models.default_teacher_cost)
+                    for name, gen in teachers.items()}
+        get_judge = lambda: MeteredJudge(ctx.judge.get(), paid)  # noqa: E731
+    result = director.curate(dcfg, ctx.r, base, teachers, get_judge)
     write_sft(sdir / "sft.parquet", result.dataset)
     return {
         "set_version": str(version_path(dcfg.data.directory, ctx.r)), "sft_data": str(sdir / "sft.parquet"),
@@ -129,7 +137,7 @@ def stage_prefs(cfg: EvolveConfig, ctx: RoundContext, sdir: Path) -> dict:
                            "seed": cfg.synpic.generators.seed + 1000 * cfg.run.seed + r},
             "run": {"output_dir": str(sdir / "synpic")},
         })
-        summary = synpic.run(scfg)
+        summary = synpic.run(scfg, paid=ctx.paid)
         if not summary["finished"]:
             raise RuntimeError(f"Syn-Pic stopped before the end (run.max_chunks?): {summary['output_dir']}")
         new, tot = summary["this_run"], summary["total"]
@@ -141,8 +149,9 @@ def stage_prefs(cfg: EvolveConfig, ctx: RoundContext, sdir: Path) -> dict:
             "teacher_calls": teacher(tot["calls"]), "teacher_cost": teacher(tot["cost"]),
             "model_images": sum(tot["calls"][g] for g in tot["calls"] if g.startswith("checkpoint:")),
             "mean_rewards": synpic_mean_rewards(table),
-            "spent": {**NO_SPEND, "teacher_calls": sum(teacher(new["calls"]).values()),
-                      "teacher_cost": sum(teacher(new["cost"]).values())},
+            # what this invocation paid, including chunks a crash made it redo
+            "spent": {**NO_SPEND, "teacher_calls": sum(teacher(new["paid"]["calls"]).values()),
+                      "teacher_cost": sum(teacher(new["paid"]["cost"]).values())},
         }
     ocfg = merge(cfg.ospo, {
         "generate": {"generator": spec, "num_inference_steps": cfg.model.steps, "guidance_scale": cfg.model.guidance,

@@ -26,8 +26,9 @@ Output directory::
     manifest.json                 what the chunks were built from (a re-run must match it)
     data/chunk-00000.parquet      prefdata.SCHEMA rows
     pickapic/chunk-00000.parquet  prefdata.PICKAPIC_SCHEMA rows (caption, jpg_0, jpg_1, label_0)
-    stats/chunk-00000.json        calls, cost per generator, skips of the chunk
-    summary.json                  the run summary (this run and totals)
+    stats/chunk-00000.json        calls, cost per generator, skips of the chunk (committed work)
+    spend.jsonl                   every paid generator batch, appended as it returns (spend.PaidLedger)
+    summary.json                  the run summary (this run and totals; ``paid`` next to committed)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from raypref import labels, prefdata
 from raypref.config import to_dict
 from raypref.files import atomic_write
 from raypref.prompt_sources import _Skips, chunk_name, derive_seed, load_prompts, needs_grammar
+from raypref.spend import PaidLedger, read_paid
 from raypref.synpic_config import PRESETS, GeneratorsSection, SynPicConfig
 
 
@@ -64,16 +66,36 @@ def generator_options(cfg: GeneratorsSection, kind: str) -> dict:
     return {"size": cfg.image_size, **ckpt}
 
 
+def pay(paid, source: str, calls: int, cost: float) -> None:
+    """Record a paid call in ``paid``: a spend.PaidLedger, or a Ray actor holding one (``pay.remote``,
+    waited for, so the line is on disk before the call's result moves on)."""
+    if paid is None:
+        return
+    if hasattr(paid.pay, "remote"):
+        import ray
+
+        ray.get(paid.pay.remote(source, calls, cost))
+    else:
+        paid.pay(source, calls, cost)
+
+
 class GenerateStage:
     """Generator k of a row: {"prompt" [B], "seed_k" [B]} -> adds "image_k" [B, H, W, 3] uint8 and
-    "cost_k" [B] float64 (the generator's spend on the batch, spread over its images)."""
+    "cost_k" [B] float64 (the generator's spend on the batch, spread over its images). The batch's
+    calls and cost are paid into ``paid`` as soon as the generator returns."""
 
-    def __init__(self, spec: str, slot: int, options: dict, factory=None):
+    def __init__(self, spec: str, slot: int, options: dict, factory=None, paid=None):
         from raypref.generators import build_generator
 
         kind, _, arg = spec.partition(":")
         self.gen = factory(arg, **options) if factory is not None else build_generator(spec, **options)
-        self.spec, self.slot = spec, slot
+        self.spec, self.slot, self.paid = spec, slot, paid
+
+    def _calls(self) -> int | None:
+        from raypref.spend import generator_counters
+
+        counters = generator_counters(self.gen)
+        return None if counters is None else counters[0]
 
     def _spent(self) -> float:
         cost = getattr(self.gen, "cost", None)
@@ -83,8 +105,11 @@ class GenerateStage:
 
     def __call__(self, batch: dict) -> dict:
         prompts = [str(p) for p in batch["prompt"]]
-        before = self._spent()
+        before, calls_before = self._spent(), self._calls()
         images = np.asarray(self.gen({"prompt": prompts, "seed": np.asarray(batch[f"seed_{self.slot}"])})["image"])
+        calls_after = self._calls()
+        calls = len(prompts) if calls_before is None or calls_after is None else calls_after - calls_before
+        pay(self.paid, self.spec, calls, self._spent() - before)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(prompts) or images.shape[-1] != 3:
             raise ValueError(f"generator {self.spec} returned {images.dtype} {images.shape}, "
                              f"expected uint8 [{len(prompts)}, H, W, 3]")
@@ -164,8 +189,9 @@ def label_batch(batch: dict, specs: tuple, reward_keys: tuple) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STREAM_SCHEMA)
 
 
-def build_dataset(items: list[dict], cfg: SynPicConfig, generator_classes=None, reward_classes=None):
-    """The Ray Data stream over ``items`` (rows: index, chunk, prompt, category, seed_k)."""
+def build_dataset(items: list[dict], cfg: SynPicConfig, generator_classes=None, reward_classes=None, paid=None):
+    """The Ray Data stream over ``items`` (rows: index, chunk, prompt, category, seed_k); generators pay
+    into ``paid`` (see ``pay``)."""
     import ray
 
     g, r = cfg.generators, cfg.rewards
@@ -174,7 +200,8 @@ def build_dataset(items: list[dict], cfg: SynPicConfig, generator_classes=None, 
     retry = {k: v for k, v in (("max_restarts", cfg.run.max_restarts), ("max_task_retries", cfg.run.max_task_retries))
              if v >= 0}
     gen_kwargs = [{"spec": spec, "slot": k, "options": generator_options(g, spec.partition(":")[0]),
-                   "factory": (generator_classes or {}).get(spec.partition(":")[0])} for k, spec in enumerate(g.specs)]
+                   "factory": (generator_classes or {}).get(spec.partition(":")[0]), "paid": paid}
+                  for k, spec in enumerate(g.specs)]
     device = "cuda" if (g.num_gpus if cfg.run.layout == "fused" else r.num_gpus) > 0 else "cpu"
     reward_kwargs = [{"key": key, "model_path": path, "device": device, "n_slots": len(g.specs),
                       "factory": (reward_classes or {}).get(key)}
@@ -266,15 +293,20 @@ def _log(cfg: SynPicConfig, msg: str) -> None:
         print(f"[synpic] {msg}", file=sys.stderr, flush=True)
 
 
-def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_classes: dict | None = None) -> dict:
+def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_classes: dict | None = None,
+        paid: PaidLedger | None = None) -> dict:
     """Build (or resume) the Syn-Pic dataset of ``cfg`` in ``cfg.run.output_dir``; returns the summary.
 
     ``generator_classes`` maps extra spec kinds to factories called as ``factory(ARG, **options)``;
     ``reward_classes`` maps reward keys to factories called as ``factory(name=KEY, ...)`` (both are
-    looked up before the built-in ones). Ray must be initialised by the caller.
+    looked up before the built-in ones). Every generator batch is paid into ``paid`` (default:
+    ``OUTPUT_DIR/spend.jsonl``; a driver passes its run's ledger) as it returns, through a ledger actor
+    on this node, so the summary's ``paid`` includes work a crash lost; its ``calls``/``cost`` are what
+    the committed chunks used. Ray must be initialised by the caller.
     """
     t0 = time.time()
     out = Path(cfg.run.output_dir).expanduser().resolve()
+    paid = (paid or PaidLedger(out / "spend.jsonl")).scoped(str(out))
     specs, reward_keys = tuple(cfg.generators.specs), tuple(cfg.rewards.keys)
     from raypref.rewards import REWARDS
 
@@ -316,6 +348,7 @@ def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_clas
         pending = pending[:cfg.run.max_chunks]
     _log(cfg, f"{len(prompts)} prompts in {n_chunks} chunks: {len(done)} already done, {len(pending)} to build now")
 
+    ledger = _ledger_actor(paid) if pending else None
     window = cfg.run.window_chunks or max(len(pending), 1)
     written, gen_time, new_images = [], 0.0, 0
     for w in range(0, len(pending), window):
@@ -331,7 +364,7 @@ def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_clas
         buffers: dict[int, list[pa.Table]] = defaultdict(list)
         have: dict[int, int] = defaultdict(int)
         tw = time.time()
-        ds = build_dataset(items, cfg, generator_classes, reward_classes)
+        ds = build_dataset(items, cfg, generator_classes, reward_classes, ledger)
         for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             chunk_col = np.asarray(block.column("chunk").to_numpy())
             for c in np.unique(chunk_col):
@@ -357,10 +390,27 @@ def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_clas
         if missing:
             raise RuntimeError(f"the stream ended with incomplete chunks (rows, expected): {missing}")
 
+    if ledger is not None:
+        import ray
+
+        ray.kill(ledger)
     summary = _summary(cfg, out, n_chunks, done, written, input_skips, len(prompts), time.time() - t0, gen_time)
+    summary["this_run"]["paid"] = read_paid(paid.path, paid.scope, paid.invocation)
+    summary["total"]["paid"] = read_paid(paid.path, paid.scope)
     atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     _log(cfg, f"summary: {out / 'summary.json'}")
     return summary
+
+
+def _ledger_actor(paid: PaidLedger):
+    """``paid`` in a zero-CPU actor pinned to this node: the generator actors, wherever they run, append
+    through it to the driver's file."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(PaidLedger).options(num_cpus=0, scheduling_strategy=node).remote(
+        paid.path, paid.invocation, paid.scope)
 
 
 def _summary(cfg, out: Path, n_chunks, done_before, written, input_skips, n_prompts, wall, gen_time) -> dict:

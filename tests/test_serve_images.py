@@ -23,7 +23,7 @@ from raypref.shapes.model import build_pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-raypref"
 STEPS, GUIDANCE = 2, 3.0
-PROMPT = "a red circle above a blue square"
+PROMPT = "a red circle and a blue square"  # in the shapes grammar: the tiny model is a shapes model
 APP_ARGS = dict(num_cpus=0.5, num_replicas=1, api_key=KEY, max_n=3, max_body_kb=2, max_batch_size=8,
                 batch_wait_timeout_s=0.05, steps=STEPS, guidance=GUIDANCE)
 

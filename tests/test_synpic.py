@@ -323,6 +323,14 @@ def test_driver_killed_mid_run_resumes_without_regenerating(ray_local, tmp_path)
             assert calls.count((g, p)) == 1, (g, p)
     table = pq.read_table(str(out / "data"))
     assert table.num_rows == N_PROMPTS and len(set(table.column("prompt").to_pylist())) == N_PROMPTS
+    # spend: committed counts each prompt once; paid counts every call made, the killed run's lost
+    # (uncommitted) chunk included, as the teachers' own log does
+    for name in ("prism", "quill"):
+        made = sum(1 for g, _ in calls if g == f"teacher:{name}")
+        assert s["total"]["calls"][f"logged:{name}"] == N_PROMPTS
+        assert s["total"]["paid"]["calls"][f"logged:{name}"] == made
+        assert s["total"]["paid"]["cost"][f"logged:{name}"] == pytest.approx(made * PROFILES[name].cost)
+    assert sum(s["total"]["paid"]["calls"].values()) > sum(s["this_run"]["paid"]["calls"].values())
 
 
 # --------------------------------------------------------------------------------------------- bad input

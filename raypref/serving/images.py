@@ -19,9 +19,14 @@ Routes (FastAPI ingress):
 Image i of a request uses seed ``seed + i`` (a random seed when omitted, echoed in the
 ``x-raypref-seed`` header), so a (prompt, seed) pair gives the same image in any batch. Requests
 from different clients share one ``@serve.batch`` queue: one batch = one pipeline call over all
-their images. Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
-400 bad field, 401 bad or missing bearer token (when ``api_key`` is set), 404 unknown model,
-413 body over ``max_body_kb``. Serve answers 503 once ``max_queued_requests`` are waiting.
+their images. Every error, on every route, uses OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` and
+never carries an internal exception's text: 400 malformed body or bad field (including a prompt the
+model cannot take: outside the shapes grammar when it serves the shapes model, or not encodable),
+401 bad or missing bearer token (when ``api_key`` is set), 404 unknown model or route, 405, 408 body
+not received within ``body_timeout_s``, 413 body over ``max_body_kb``, 503 over ``max_pending``
+requests in progress, 500 (with a reference to the server log) when generation fails. A prompt is
+checked before it joins a batch, and a batch that fails is retried request by request, so one bad
+request fails only itself.
 
 Runner: ``python -m raypref.serving.images --checkpoint shipped --port 8000`` (binds 127.0.0.1 unless
 ``--host``; the API key comes from $RAYPREF_API_KEY), or ``serve run raypref.serving.images:app_builder
@@ -31,8 +36,6 @@ with ``args`` = build_images_app's keyword arguments (see serve/config.yaml).
 
 import argparse
 import asyncio
-import hmac
-import json
 import os
 import secrets
 import time
@@ -40,30 +43,19 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from raypref.judges.common import encode_png_b64
+from raypref.serving.http import APIError, Admission, check_auth, error_response, internal_error, parse_json, read_body
 
 DEFAULT_MODEL_NAME = "raypref-images"
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 IGNORED_FIELDS = ("user", "quality", "style", "background", "moderation", "safety_identifier")
 KNOWN_FIELDS = ("prompt", "n", "size", "seed", "response_format", "model", "output_format", *IGNORED_FIELDS)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
-
-
-class APIError(Exception):
-    """A request error with its HTTP status, rendered in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------- pure parts
@@ -91,6 +83,11 @@ def validate_request(payload, *, size: tuple[int, int], max_n: int, model_name: 
         raise APIError(400, f"'prompt' is required and must be a non-empty string, got {prompt!r:.80}", "prompt")
     if len(prompt) > max_prompt_chars:
         raise APIError(400, f"'prompt' has {len(prompt)} characters; the maximum is {max_prompt_chars}", "prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\\ud800") parses as JSON but is not text
+        raise APIError(400, f"'prompt' is not valid Unicode text (character {e.start} is a lone surrogate)",
+                       "prompt") from None
     n = payload.get("n", 1)
     n = 1 if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:
@@ -161,8 +158,82 @@ def split_images(images: np.ndarray, counts: list[int]) -> list[np.ndarray]:
     return [images[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def model_grammar(checkpoint: str, prompt_grammar: str) -> str | None:
+    """'shapes' when prompts must be in the shapes grammar, else None (free text)."""
+    if prompt_grammar not in ("auto", "shapes", "none"):
+        raise ValueError(f"prompt_grammar must be 'auto', 'shapes' or 'none', got {prompt_grammar!r}")
+    if prompt_grammar == "auto":
+        from raypref.checkpoints import resolve_checkpoint
+        from raypref.shapes.model import is_shapes_model
+
+        return "shapes" if is_shapes_model(resolve_checkpoint(checkpoint)) else None
+    return None if prompt_grammar == "none" else "shapes"
+
+
+def check_prompt(model, prompt: str, grammar: str | None) -> None:
+    """400 unless the model can take ``prompt``: in the shapes grammar when ``grammar`` is 'shapes', and
+    encodable by every tokenizer of the pipeline. Runs before a request joins a batch."""
+    if grammar == "shapes":
+        from raypref.shapes.grammar import parse
+
+        try:
+            parse(prompt)
+        except ValueError as e:
+            raise APIError(400, f"{e}; this server serves the shapes world's model", "prompt",
+                           code="prompt_not_in_grammar") from None
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tok = getattr(model.pipe, name, None)
+        if tok is None:
+            continue
+        try:
+            tok(prompt)
+        except Exception:
+            raise APIError(400, "'prompt' cannot be encoded by the model's tokenizer", "prompt") from None
+
+
+def generate_isolated(generate, items: list[tuple[str, list[int]]]) -> list:
+    """One ``generate(prompts, seeds)`` call over a batch of requests -> one [n, H, W, 3] array per
+    request, or the exception of a request that fails alone: when the batched call raises, each request
+    is retried by itself, so one bad request never fails its batch-mates."""
+    def run(part):
+        prompts = [p for p, seeds in part for _ in seeds]
+        seeds = [s for _, seeds in part for s in seeds]
+        return split_images(generate(prompts, seeds), [len(seeds) for _, seeds in part])
+
+    try:
+        return run(items)
+    except Exception as batch_error:
+        if len(items) == 1:
+            return [batch_error]
+    out = []
+    for item in items:
+        try:
+            out.append(run([item])[0])
+        except Exception as e:
+            out.append(e)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- deployment
 app = FastAPI(title="raypref images", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    messages = {404: f"no route {request.method} {request.url.path}",
+                405: f"{request.method} is not allowed on {request.url.path}"}
+    return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
+                          headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(400, "malformed request")
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return internal_error(f"{request.method} {request.url.path}", exc).response()
 
 
 @serve.ingress(app)
@@ -171,14 +242,17 @@ class ImagesDeployment:
 
     def __init__(self, checkpoint: str, lora: str | None, *, model_name: str, api_key: str | None, max_n: int,
                  max_body_kb: float, max_batch_size: int, batch_wait_timeout_s: float, steps: int,
-                 guidance: float, device: str | None):
+                 guidance: float, device: str | None, body_timeout_s: float = 10.0, max_pending: int = 256,
+                 prompt_grammar: str = "auto"):
         import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(checkpoint, lora, device=device)
+        self.grammar = model_grammar(checkpoint, prompt_grammar)
         self.size = model_size(self.model)
         self.model_name, self.api_key, self.max_n = model_name, api_key, max_n
-        self.max_body_bytes = int(max_body_kb * 1024)
+        self.max_body_bytes, self.body_timeout_s = int(max_body_kb * 1024), body_timeout_s
+        self.admission = Admission(max_pending)
         self.steps, self.guidance = steps, guidance
         self.created = int(time.time())
         self._batched.set_max_batch_size(max_batch_size)
@@ -186,63 +260,44 @@ class ImagesDeployment:
         self.batch_sizes: list[int] = []  # requests per batch
         self.images_generated = 0
 
+    def _generate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        images = self.model.generate(prompts, seeds, num_inference_steps=self.steps, guidance_scale=self.guidance)
+        self.images_generated += len(images)
+        return images
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, items: list[tuple[str, list[int]]]) -> list[np.ndarray]:
+    async def _batched(self, items: list[tuple[str, list[int]]]) -> list:
         self.batch_sizes.append(len(items))
-        prompts = [p for p, seeds in items for _ in seeds]
-        seeds = [s for _, seeds in items for s in seeds]
         # A thread keeps the event loop free to accept and queue the next batch while this one runs;
         # max_concurrent_batches=1 keeps the model single-threaded.
-        images = await asyncio.to_thread(
-            self.model.generate, prompts, seeds, num_inference_steps=self.steps, guidance_scale=self.guidance
-        )
-        self.images_generated += len(images)
-        return split_images(images, [len(seeds) for _, seeds in items])
+        return await asyncio.to_thread(generate_isolated, self._generate, items)
 
     async def generate(self, prompt: str, seeds: list[int]) -> np.ndarray:
         """DeploymentHandle API: [n] seeds -> [n, H, W, 3] uint8, batched with the HTTP traffic."""
-        return await self._batched((prompt, [int(s) for s in seeds]))
+        check_prompt(self.model, prompt, self.grammar)
+        result = await self._batched((prompt, [int(s) for s in seeds]))
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def stats(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "images_generated": self.images_generated}
 
     # HTTP API
-    def _check_auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        # compare_digest: no timing side channel on the key
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-
-    async def _read_json(self, request: Request):
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            raise APIError(413, f"request body is {int(length)} bytes; the limit is {self.max_body_bytes}")
-        body = bytearray()
-        async for chunk in request.stream():  # chunked uploads carry no content-length
-            body += chunk
-            if len(body) > self.max_body_bytes:
-                raise APIError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
-        try:
-            return json.loads(bytes(body) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}") from None
-
     @app.post("/v1/images/generations")
     async def images_generations(self, request: Request) -> JSONResponse:
         try:
-            self._check_auth(request)
-            prompt, seeds = validate_request(
-                await self._read_json(request), size=self.size, max_n=self.max_n, model_name=self.model_name
-            )
+            check_auth(request, self.api_key)
+            with self.admission:
+                payload = parse_json(await read_body(request, self.max_body_bytes, self.body_timeout_s))
+                prompt, seeds = validate_request(payload, size=self.size, max_n=self.max_n,
+                                                 model_name=self.model_name)
+                check_prompt(self.model, prompt, self.grammar)
+                images = await self._batched((prompt, seeds))
+                if isinstance(images, Exception):  # this request alone failed; the replica keeps serving
+                    raise internal_error("image generation", images)
         except APIError as e:
             return e.response()
-        try:
-            images = await self._batched((prompt, seeds))
-        except Exception as e:  # the model failed: 500 in the same shape, the replica keeps serving
-            return APIError(500, f"image generation failed: {type(e).__name__}: {e}", type="server_error").response()
         data = [{"b64_json": encode_png_b64(im)} for im in images]
         return JSONResponse(
             {"created": int(time.time()), "data": data, "size": f"{self.size[0]}x{self.size[1]}",
@@ -253,7 +308,7 @@ class ImagesDeployment:
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         try:
-            self._check_auth(request)
+            check_auth(request, self.api_key)
         except APIError as e:
             return e.response()
         return JSONResponse({"object": "list", "data": [
@@ -279,6 +334,9 @@ def build_images_app(
     api_key: str | None = None,
     max_n: int = 4,
     max_body_kb: float = 16.0,
+    body_timeout_s: float = 10.0,
+    max_pending: int = 256,
+    prompt_grammar: str = "auto",
     max_batch_size: int = 8,
     batch_wait_timeout_s: float = 0.01,
     steps: int = 30,
@@ -291,15 +349,24 @@ def build_images_app(
     Resources and scaling are arguments, never hard-coded: ``resources`` are custom Ray resources per
     replica (e.g. ``{"gen_gpu": 1}`` from cluster.yaml); give ``num_replicas`` or ``autoscaling_config``
     (default: 1 to 2 replicas targeting ``max_batch_size`` ongoing requests each), not both.
-    ``max_ongoing_requests`` (default twice ``max_batch_size``, so a full batch queues while the
-    previous one runs) bounds each replica's concurrent work; beyond ``max_queued_requests`` waiting
-    requests Serve answers 503. ``device`` defaults to CUDA when the replica has a GPU.
+    Each replica answers 503 (OpenAI shape, Retry-After) beyond ``max_pending`` requests in progress,
+    408 to a body that has not arrived within ``body_timeout_s``, 413 beyond ``max_body_kb``.
+    ``max_ongoing_requests`` (default ``max_pending + 64``) is Serve's per-replica cap; it stays above
+    ``max_pending`` so that stalled uploads cannot take every slot and the app's own 503 fires before
+    Serve queues (beyond ``max_queued_requests`` waiting requests Serve answers a plain-text 503).
+    ``prompt_grammar``: 'auto' (the shapes grammar for the shapes model, free text otherwise), 'shapes'
+    or 'none'. ``device`` defaults to CUDA when the replica has a GPU.
     """
     for key, value, low in (("max_n", max_n, 1), ("max_batch_size", max_batch_size, 1), ("steps", steps, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-    if max_body_kb <= 0:
-        raise ValueError(f"max_body_kb must be > 0, got {max_body_kb}")
+    for key, value in (("max_body_kb", max_body_kb), ("body_timeout_s", body_timeout_s)):
+        if not value > 0:
+            raise ValueError(f"{key} must be > 0, got {value}")
+    if not isinstance(max_pending, int) or max_pending < 1:
+        raise ValueError(f"max_pending must be an integer >= 1, got {max_pending!r}")
+    if prompt_grammar not in ("auto", "shapes", "none"):
+        raise ValueError(f"prompt_grammar must be 'auto', 'shapes' or 'none', got {prompt_grammar!r}")
     if batch_wait_timeout_s < 0:
         raise ValueError(f"batch_wait_timeout_s must be >= 0, got {batch_wait_timeout_s}")
     if num_replicas is not None and autoscaling_config is not None:
@@ -316,14 +383,15 @@ def build_images_app(
         ImagesDeployment,
         name=name,
         ray_actor_options=actor_options,
-        max_ongoing_requests=max_ongoing_requests or 2 * max_batch_size,
+        max_ongoing_requests=max_ongoing_requests or max_pending + 64,
         max_queued_requests=max_queued_requests,
         **scaling,
     )
     return deployment.bind(
         str(checkpoint), None if lora is None else str(lora), model_name=model_name, api_key=api_key, max_n=max_n,
         max_body_kb=max_body_kb, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-        steps=steps, guidance=guidance, device=device,
+        steps=steps, guidance=guidance, device=device, body_timeout_s=body_timeout_s, max_pending=max_pending,
+        prompt_grammar=prompt_grammar,
     )
 
 

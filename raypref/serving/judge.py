@@ -14,16 +14,23 @@ Over HTTP (JSON, images as base64 PNG, optionally as data URLs), POST to ``<rout
     /mutate       {}                                       -> {"prompt": str}
     GET /stats                                             -> batch sizes seen and judge counters
 
-Malformed requests get a 4xx with {"error": why}; the replica keeps serving. Requests of all ops
-share one ``@serve.batch`` queue; a batch is split by op and each part goes to the judge's batch
-form. As a Serve config entry: ``import_path: raypref.serving.judge:app_builder`` with ``args`` =
-build_judge_app's keyword arguments.
+    GET /health                                            -> {"status": "ok"} (never needs the key)
+
+Errors, on every route, use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with no
+internal exception text: 400 malformed body or bad field, 401 without the bearer token when
+``api_key`` is set, 404, 405, 408 body not received within ``body_timeout_s``, 413 body over
+``max_body_kb``, 503 over ``max_pending`` requests in progress. An image's declared size is checked
+against ``max_image_pixels`` (and the request's images together against ``max_request_pixels``) from
+its PNG header before it is decoded, and decoding runs off the event loop. Requests of all ops share
+one ``@serve.batch`` queue; a batch is split by op and each part goes to the judge's batch form (a
+failing part is retried item by item, so a bad request fails only itself). As a Serve config entry:
+``import_path: raypref.serving.judge:app_builder`` with ``args`` = build_judge_app's keyword arguments.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+from dataclasses import dataclass
 
 import numpy as np
 from ray import serve
@@ -32,8 +39,25 @@ from starlette.responses import JSONResponse
 
 from raypref.judges import build_judge
 from raypref.judges.common import check_image, decode_png_b64
+from raypref.serving.http import APIError, Admission, check_auth, internal_error, parse_json, read_body
 
 OPS = ("discriminate", "vqa", "questions", "expand", "mutate")
+
+
+@dataclass
+class ImageBudget:
+    """Pixels one request's images may have: each at most ``per_image``, together at most ``per_request``."""
+
+    per_image: int = 2048 * 2048
+    per_request: int = 4 * 2048 * 2048
+    used: int = 0
+
+    def take(self, width: int, height: int) -> None:
+        if width * height > self.per_image:
+            raise ValueError(f"the image is {width} x {height} pixels; the limit is {self.per_image} pixels")
+        self.used += width * height
+        if self.used > self.per_request:
+            raise ValueError(f"the request's images have more than {self.per_request} pixels together")
 
 
 def _str(payload: dict, key: str) -> str:
@@ -50,16 +74,21 @@ def _str_list(payload: dict, key: str) -> list[str]:
     return v
 
 
-def _image(x, where: str) -> np.ndarray:
+def _image(x, where: str, budget: ImageBudget) -> np.ndarray:
     try:
-        return check_image(decode_png_b64(x) if isinstance(x, str) else x)
+        if isinstance(x, str):
+            return check_image(decode_png_b64(x, check_size=budget.take))
+        image = check_image(x)
+        budget.take(image.shape[1], image.shape[0])
+        return image
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
 
-def validate(op: str, payload: dict) -> tuple:
+def validate(op: str, payload: dict, budget: ImageBudget | None = None) -> tuple:
     """(op, payload) -> the op's positional arguments; ValueError saying what is wrong.
-    Images may be arrays (handle) or base64 PNG strings (HTTP)."""
+    Images may be arrays (handle) or base64 PNG strings (HTTP), within ``budget``'s pixels."""
+    budget = budget or ImageBudget()
     if op not in OPS:
         raise KeyError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
     if not isinstance(payload, dict):
@@ -68,12 +97,12 @@ def validate(op: str, payload: dict) -> tuple:
         images = payload.get("images")
         if not isinstance(images, list) or not images:
             raise ValueError("field 'images' must be a non-empty list of images")
-        images = [_image(x, f"images[{i}]") for i, x in enumerate(images)]
+        images = [_image(x, f"images[{i}]", budget) for i, x in enumerate(images)]
         if len({im.shape for im in images}) != 1:
             raise ValueError(f"all images must have the same shape, got {sorted({im.shape for im in images})}")
         return _str(payload, "prompt"), images
     if op == "vqa":
-        return _image(payload.get("image"), "image"), _str_list(payload, "questions")
+        return _image(payload.get("image"), "image", budget), _str_list(payload, "questions")
     if op == "questions":
         return (_str(payload, "prompt"),)
     if op == "expand":
@@ -130,11 +159,18 @@ def _jsonable(op: str, result):
 class JudgeDeployment:
     """One replica: a judge backend behind a shared dynamic-batching queue."""
 
-    def __init__(self, backend: str, backend_kwargs: dict | None, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, backend: str, backend_kwargs: dict | None, max_batch_size: int, batch_wait_timeout_s: float,
+                 api_key: str | None = None, max_body_kb: float = 8192.0, body_timeout_s: float = 10.0,
+                 max_pending: int = 256, max_image_pixels: int = 2048 * 2048,
+                 max_request_pixels: int = 4 * 2048 * 2048):
         self.judge = build_judge(backend, **(backend_kwargs or {}))
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: list[int] = []
+        self.api_key, self.body_timeout_s = api_key, body_timeout_s
+        self.max_body_bytes = int(max_body_kb * 1024)
+        self.admission = Admission(max_pending)
+        self.pixels = (max_image_pixels, max_request_pixels)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batched(self, items: list[tuple[str, tuple]]) -> list:
@@ -144,7 +180,8 @@ class JudgeDeployment:
         return await asyncio.to_thread(run_batch, self.judge, items)
 
     async def _submit(self, op: str, payload: dict):
-        args = validate(op, payload)
+        # decoding PNGs takes time: off the event loop, so other requests keep being read and queued
+        args = await asyncio.to_thread(validate, op, payload, ImageBudget(*self.pixels))
         result = await self._batched((op, args))
         if isinstance(result, Exception):
             raise result
@@ -172,20 +209,27 @@ class JudgeDeployment:
     # HTTP API
     async def __call__(self, request: Request) -> JSONResponse:
         op = request.url.path.rstrip("/").rsplit("/", 1)[-1]
-        if op == "stats":
-            return JSONResponse(self.stats())
-        if op not in OPS:
-            return JSONResponse({"error": f"unknown op {op!r}; POST to one of {', '.join(OPS)}"}, status_code=404)
-        if request.method != "POST":
-            return JSONResponse({"error": f"{op} takes POST, got {request.method}"}, status_code=405)
         try:
-            payload = json.loads(await request.body() or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return JSONResponse({"error": f"request body is not valid JSON: {e}"}, status_code=400)
-        try:
-            result = await self._submit(op, payload)
-        except (ValueError, TypeError) as e:  # bad fields, or a prompt/question the judge rejects
-            return JSONResponse({"error": str(e)}, status_code=422)
+            if op == "health" and request.method == "GET":
+                return JSONResponse({"status": "ok"})
+            check_auth(request, self.api_key)
+            if op == "stats":
+                return JSONResponse(self.stats())
+            if op not in OPS:
+                raise APIError(404, f"unknown op {op!r}; POST to one of {', '.join(OPS)}", code="unknown_op")
+            if request.method != "POST":
+                raise APIError(405, f"{op} takes POST, got {request.method}", headers={"Allow": "POST"})
+            with self.admission:
+                body = await read_body(request, self.max_body_bytes, self.body_timeout_s)
+                payload = await asyncio.to_thread(parse_json, body) if len(body) > 65536 else parse_json(body)
+                try:
+                    result = await self._submit(op, payload)
+                except (ValueError, TypeError, KeyError) as e:  # bad fields, or a prompt/question the judge rejects
+                    raise APIError(400, str(e).strip("'\"")) from None
+                except Exception as e:
+                    raise internal_error(f"judge {op}", e) from None
+        except APIError as e:
+            return e.response()
         return JSONResponse(_jsonable(op, result))
 
 
@@ -199,16 +243,30 @@ def build_judge_app(
     max_batch_size: int = 16,
     batch_wait_timeout_s: float = 0.01,
     max_ongoing_requests: int | None = None,
+    api_key: str | None = None,
+    max_body_kb: float = 8192.0,
+    body_timeout_s: float = 10.0,
+    max_pending: int = 256,
+    max_image_pixels: int = 2048 * 2048,
+    max_request_pixels: int = 4 * 2048 * 2048,
     name: str = "JudgeDeployment",
 ):
     """The judge as a Serve application (``serve.run(build_judge_app(...))``).
 
     Resources and scaling are arguments, never hard-coded. ``autoscaling_config`` defaults to 1 to 2
-    replicas targeting ``max_batch_size`` ongoing requests each; ``max_ongoing_requests`` defaults to
-    max(16, 2 * max_batch_size) so that a full batch can queue while the previous one runs.
+    replicas targeting ``max_batch_size`` ongoing requests each. ``api_key`` (a string) puts every route
+    but /health behind ``Authorization: Bearer <key>``. ``max_ongoing_requests`` (Serve's per-replica
+    cap) defaults to ``max_pending + 64``, above the app's own 503 limit, so that stalled uploads
+    cannot take every slot.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    for key, value in (("max_body_kb", max_body_kb), ("body_timeout_s", body_timeout_s), ("max_pending", max_pending),
+                       ("max_image_pixels", max_image_pixels), ("max_request_pixels", max_request_pixels)):
+        if not value > 0:
+            raise ValueError(f"{key} must be > 0, got {value}")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must be a non-empty string or None (no auth)")
     if batch_wait_timeout_s < 0:
         raise ValueError(f"batch_wait_timeout_s must be >= 0, got {batch_wait_timeout_s}")
     if autoscaling_config is None:
@@ -218,9 +276,11 @@ def build_judge_app(
         name=name,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         autoscaling_config=autoscaling_config,
-        max_ongoing_requests=max_ongoing_requests or max(16, 2 * max_batch_size),
+        max_ongoing_requests=max_ongoing_requests or max_pending + 64,
     )
-    return deployment.bind(backend, backend_kwargs or {}, max_batch_size, batch_wait_timeout_s)
+    return deployment.bind(backend, backend_kwargs or {}, max_batch_size, batch_wait_timeout_s, api_key=api_key,
+                           max_body_kb=max_body_kb, body_timeout_s=body_timeout_s, max_pending=max_pending,
+                           max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels)
 
 
 def app_builder(args: dict):
