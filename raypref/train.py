@@ -313,10 +313,20 @@ def train_func(config: dict) -> None:
 
 
 def read_data(cfg: TrainConfig):
-    """The preference Parquet as a Ray Dataset (the columns training reads)."""
+    """The preference Parquet as a Ray Dataset (the columns training reads). Pick-a-Pic-layout data is
+    checked row by row first (a bad row is an error naming file, row and column before any step) and
+    converted to K = 2 rows as it streams."""
     import ray
 
+    from raypref import pickapic
+
     path = cfg.data.path if "://" in cfg.data.path else os.path.abspath(os.path.expanduser(cfg.data.path))
+    fmt = cfg.data.format
+    if fmt == "auto":
+        fmt = "raypref" if "://" in path else pickapic.detect_format(path)
+    if fmt == "pickapic":
+        pickapic.check(path)
+        return ray.data.read_parquet(path).map_batches(pickapic.to_rows, batch_format="pyarrow", batch_size=64)
     return ray.data.read_parquet(path).select_columns(COLUMNS)
 
 

@@ -40,6 +40,9 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     path: str = "~/raypref_runs/prefs/shapes.parquet"
+    format: str = field(default="auto", metadata={
+        "help": "raypref (K-image ranking rows) | pickapic (caption, jpg_0, jpg_1, label_0 pairs; ties skipped) "
+                "| auto (from the first file's columns)"})
     seed: int = field(default=0, metadata={"help": "noise / timestep stream"})
     # Keep the worker's shard in memory after the first epoch, replayed in the same order. A small
     # preference set then costs one Ray Data execution instead of one per epoch (seconds each);
@@ -52,6 +55,8 @@ class DataSection:
 
     def __post_init__(self):
         check(bool(self.path), "data.path must not be empty")
+        check(self.format in ("auto", "raypref", "pickapic"),
+              f"data.format must be auto, raypref or pickapic, got {self.format!r}")
         check(0 <= self.cfg_dropout < 1, f"data.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
 
 

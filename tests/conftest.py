@@ -7,6 +7,9 @@ import pytest
 # Ray 2.60 turns on token auth for local clusters; tests run without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s by default: each run's start, checkpoints and end
+# wait for a poll. Tests run dozens of short runs (inherited by the Ray started below).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,96 @@
+"""Training on Pick-a-Pic-layout data (caption, jpg_0, jpg_1, label_0): rows become K = 2 training rows
+with the label's winner; DPO trains on a Parquet made here (tiny SD1.5-family pipeline, Ray Train);
+a bad row is an error naming its file, row and column before anything runs or is written."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raypref import pickapic, train
+from raypref.collate import select
+from raypref.config import load_config
+from raypref.train_config import LossSection
+from raypref.prefdata import decode_png
+from tests.presets import train_tiny
+from tests.tiny import tiny_model
+
+CAPTIONS = ["a red circle", "two squares", "a circle left of a square", "a blue triangle"]
+
+
+def _pairs(n: int, size: int = 16, ties: int = 0) -> pa.Table:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(2 * (n + ties))]
+    labels = [1.0 if i % 2 == 0 else 0.0 for i in range(n)] + [0.5] * ties
+    return pickapic.example_table(images, [CAPTIONS[i % 4] for i in range(n + ties)], labels)
+
+
+def test_rows_carry_the_labels_winner_and_ties_are_dropped():
+    table = _pairs(4, ties=1)
+    rows = pickapic.to_rows(table).to_pylist()
+    assert len(rows) == 4
+    src = table.to_pylist()
+    for row, s in zip(rows, src):
+        winner, loser = (s["jpg_0"], s["jpg_1"]) if s["label_0"] == 1.0 else (s["jpg_1"], s["jpg_0"])
+        p = row["pairs"][0]
+        assert row["images"][p["i"]] == winner and row["images"][p["j"]] == loser and row["prompt"] == s["caption"]
+        assert row["phi"][p["i"]] == 1.0 and row["phi"][p["j"]] == 0.0
+        for method in ("dpo", "balanced", "sft"):  # each pairwise method, and SFT, trains on the winner
+            idx, pairs = select(row, LossSection(method=method))
+            assert idx[pairs[0][0] if pairs else 0] == p["i"], method
+
+
+def test_dpo_trains_two_steps_on_pickapic_parquet(ray_local, tmp_path):
+    tiny_model("shapes").save_pretrained(tmp_path / "base")
+    pq.write_table(_pairs(8, ties=2), tmp_path / "pairs.parquet")
+    cfg = load_config(train_tiny(), None, [
+        f"model.path={tmp_path / 'base'}", f"data.path={tmp_path / 'pairs.parquet'}", "run.num_workers=1",
+        f"run.storage_path={tmp_path / 'runs'}", "run.name=pickapic", "optim.max_steps=2"])
+    assert cfg.data.format == "auto" and pickapic.detect_format(cfg.data.path) == "pickapic"
+    result = train.build_trainer(cfg).fit()
+    assert result.error is None and result.metrics["step"] == 2
+    assert np.isfinite(result.metrics["loss"]) and result.metrics["prompts"] == 4  # batch 4, all usable
+
+
+@pytest.mark.parametrize("column, value, why", [
+    ("jpg_1", b"\x89PNG not really", "undecodable image"),
+    ("label_0", 2.0, "label in {0, 0.5, 1}"),
+    ("caption", None, "non-empty text"),
+    ("jpg_0", None, "encoded image bytes"),
+])
+def test_a_bad_row_names_file_row_and_column_and_nothing_runs(tmp_path, column, value, why):
+    rows = _pairs(6).to_pylist()
+    rows[4][column] = value
+    good, bad = tmp_path / "data" / "a.parquet", tmp_path / "data" / "b.parquet"
+    good.parent.mkdir()
+    pq.write_table(_pairs(3), good)
+    pq.write_table(pa.Table.from_pylist(rows, schema=_pairs(1).schema), bad)
+    cfg = load_config(train_tiny(), None, [
+        "model.path=unused", f"data.path={tmp_path / 'data'}", "data.format=pickapic",
+        f"run.storage_path={tmp_path / 'runs'}"])
+    with pytest.raises(ValueError, match=f"{bad}: row 4, column '{column}': .*{why}".replace("{", r"\{")
+                       .replace("}", r"\}")):
+        train.build_trainer(cfg)
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_missing_column_and_all_ties_are_errors(tmp_path):
+    pq.write_table(_pairs(2).drop_columns(["label_0"]), tmp_path / "a.parquet")
+    with pytest.raises(ValueError, match=r"a.parquet: missing column\(s\) \['label_0'\]"):
+        pickapic.check(str(tmp_path / "a.parquet"))
+    pq.write_table(_pairs(0, ties=3), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match="every label is a tie"):
+        pickapic.check(str(tmp_path / "t.parquet"))
+    with pytest.raises(ValueError, match="data.format"):
+        load_config(train_tiny(), None, ["data.format=hpd"])
+
+
+def test_huggingface_image_structs_are_read(tmp_path):
+    """datasets' Image feature stores {"bytes", "path"}: the same rows come out."""
+    plain = _pairs(2)
+    structs = plain.set_column(1, "jpg_0", pa.array([{"bytes": b, "path": None} for b in plain["jpg_0"].to_pylist()]))
+    pq.write_table(structs, tmp_path / "hf.parquet")
+    assert pickapic.check(str(tmp_path / "hf.parquet"))["pairs"] == 2
+    rows = pickapic.to_rows(structs).to_pylist()
+    assert decode_png(rows[0]["images"][0]).shape == (16, 16, 3)
+    assert rows == pickapic.to_rows(plain).to_pylist()
