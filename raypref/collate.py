@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from raypref.train_config import LossSection
-from raypref.train_state import TrainState, autocast
+from raypref.train_state import TrainState, autocast, phase
 
 COLUMNS = ["prompt_id", "prompt", "images", "generators", "phi", "pairs"]
 
@@ -68,15 +68,17 @@ def collate(rows: list[dict], state: TrainState) -> dict:
     schedule = pipe.noise_schedule()
     images, row_of, prompts, pairs, pair_w, phis, noises = [], [], [], [], [], [], []
     skipped = 0
-    for row in rows:
-        sel = select(row, cfg)
+    with phase(state, "data"):
+        picked = [(row, select(row, cfg)) for row in rows]
+        decoded = [[decode_png(row["images"][i]) for i in sel[0]] if sel else [] for row, sel in picked]
+    for (row, sel), row_images in zip(picked, decoded):
         if sel is None:
             skipped += 1
             continue
         idx, row_pairs = sel
         b, base = len(prompts), len(images)
         prompts.append(row["prompt"])
-        images += [decode_png(row["images"][i]) for i in idx]
+        images += row_images
         row_of += [b] * len(idx)
         pairs += [(base + i, base + j, b) for i, j, _ in row_pairs]
         pair_w += [w for _, _, w in row_pairs]
@@ -85,7 +87,8 @@ def collate(rows: list[dict], state: TrainState) -> dict:
     if not prompts:
         return {"n_rows": 0, "skipped": skipped}
     with torch.no_grad():
-        x0 = pipe.encode_images(np.stack(images)).to(state.device, torch.float32)
+        with phase(state, "encode"):
+            x0 = pipe.encode_images(np.stack(images)).to(state.device, torch.float32)
         row_t = torch.as_tensor(row_of, device=state.device)
         noise_rows, t_rows = [], []
         for b, s in enumerate(noises):  # one noise, t and prompt dropout per prompt, shared by its images
@@ -96,7 +99,7 @@ def collate(rows: list[dict], state: TrainState) -> dict:
                 prompts[b] = ""
         noise = torch.stack(noise_rows).to(state.device)[row_t]
         t = torch.cat(t_rows).to(state.device)[row_t]
-        with autocast(state):
+        with autocast(state), phase(state, "encode"):
             cond = pipe.encode_prompts(prompts)
         cond = {k: v.detach().float()[row_t] for k, v in cond.items()}
     out = {"x0": x0, "noise": noise, "t": t, "cond": cond, "row": row_t, "n_rows": len(prompts),

@@ -51,6 +51,7 @@ from raypref.train_state import (
     build_state,
     export_model,
     load_checkpoint,
+    phase,
     reference_mode,
     refresh_reference,
     save_checkpoint,
@@ -95,13 +96,16 @@ def batch_loss(state: TrainState, batch: dict) -> tuple[torch.Tensor, dict[str, 
     cfg = state.cfg.loss
     n_rows = batch["n_rows"]
     if cfg.method == "sft":
-        err = errors(state, batch)
+        with phase(state, "forward_policy"):
+            err = errors(state, batch)
         per_row = torch.zeros(n_rows, device=err.device).index_add(0, batch["row"], err)
         counts = torch.zeros(n_rows, device=err.device).index_add(0, batch["row"], torch.ones_like(err))
         loss = sft_loss(per_row / counts)
         return loss.sum(), {"loss": loss.detach().mean(), "policy_err": err.detach().mean()}
-    ref = errors(state, batch, reference=True)  # reference first: adapters toggled outside the graph
-    err = errors(state, batch)
+    with phase(state, "forward_reference"):
+        ref = errors(state, batch, reference=True)  # reference first: adapters toggled outside the graph
+    with phase(state, "forward_policy"):
+        err = errors(state, batch)
     if cfg.method == "rankdpo":
         b, k = batch["phi"].shape
         e, r, phi = err.view(b, k), ref.view(b, k), batch["phi"]
@@ -177,7 +181,8 @@ def train_step(state: TrainState, micro_batches: list[list[dict]]) -> dict[str, 
         loss_sum, metrics = batch_loss(state, b)
         loss = loss_sum / n_global
         loss_total += loss.detach().double().cpu()
-        (state.scaler.scale(loss) if state.scaler else loss).backward()
+        with phase(state, "backward"):
+            (state.scaler.scale(loss) if state.scaler else loss).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) * b["n_rows"]
     keys = METRIC_KEYS["sft" if state.cfg.loss.method == "sft" else "pairwise"]  # same on every worker
@@ -193,15 +198,16 @@ def train_step(state: TrainState, micro_batches: list[list[dict]]) -> dict[str, 
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-    if state.scaler:
-        state.scaler.unscale_(state.optimizer)
-    gnorm = torch.nn.utils.clip_grad_norm_(
-        state.params, state.cfg.optim.grad_clip if state.cfg.optim.grad_clip > 0 else float("inf"))
-    if state.scaler:
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-    else:
-        state.optimizer.step()
+    with phase(state, "optimizer"):
+        if state.scaler:
+            state.scaler.unscale_(state.optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(
+            state.params, state.cfg.optim.grad_clip if state.cfg.optim.grad_clip > 0 else float("inf"))
+        if state.scaler:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
     state.step += 1
     every = state.cfg.loss.ref_refresh_every
     if every and state.step % every == 0:

@@ -70,11 +70,31 @@ class TrainState:
     skipped_rows: int = 0
     scaler: Any = None
     device: torch.device = torch.device("cpu")
+    phase_seconds: dict | None = None  # set to {} to have each step's phases timed into it (benchmarks)
 
     @property
     def ref_adapter(self) -> bool:
         """LoRA with a refreshable reference adapter."""
         return self.lora_config is not None and self.cfg.loss.ref_refresh_every > 0
+
+
+@contextlib.contextmanager
+def phase(state: TrainState, name: str):
+    """Add the block's wall time to ``state.phase_seconds[name]`` when timing is on (else free)."""
+    if state.phase_seconds is None:
+        yield
+        return
+    import time
+
+    if state.device.type == "cuda":
+        torch.cuda.synchronize(state.device)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if state.device.type == "cuda":
+            torch.cuda.synchronize(state.device)
+        state.phase_seconds[name] = state.phase_seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
