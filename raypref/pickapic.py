@@ -7,7 +7,9 @@ image 1 preferred, 0.5: a tie). ``to_rows`` turns a batch of such rows into the 
 reads (``collate.COLUMNS``): the preferred image first is not assumed, ``phi`` carries the label, and
 one (winner, loser) pair. Ties carry no preference for the pairwise losses and are dropped.
 
-``check`` reads every file once, streaming, before any step: a missing column, a caption that is not
+Files: Parquet shards (a file or a directory), or a Hugging Face ``Dataset.save_to_disk`` directory
+(Arrow stream files), read without the ``datasets`` package. ``check`` reads every file once,
+streaming, before any step: a missing column, a caption that is not
 text, a label outside {0, 0.5, 1} or an image that does not decode is an error naming the file, the
 row and the column.
 """
@@ -26,18 +28,44 @@ LABELS = (0.0, 0.5, 1.0)
 
 
 def files(path: str) -> list[Path]:
-    """The Parquet files of ``path`` (a file, or a directory searched recursively), sorted."""
+    """The Parquet files of ``path`` (a file, or a directory searched recursively), else the Arrow
+    files of a Hugging Face ``Dataset.save_to_disk`` directory; sorted."""
     p = Path(path).expanduser()
-    found = sorted(p.rglob("*.parquet")) if p.is_dir() else [p] if p.exists() else []
-    if not found:
+    if not p.is_dir():
+        if p.exists():
+            return [p]
         raise ValueError(f"no Parquet file at {path}")
+    found = sorted(p.rglob("*.parquet")) or sorted(p.rglob("*.arrow"))
+    if not found:
+        raise ValueError(f"no Parquet file (nor a save_to_disk dataset's .arrow files) at {path}")
     return found
+
+
+def is_arrow(path: str) -> bool:
+    """Whether ``path`` is a Hugging Face save_to_disk dataset (Arrow stream files), not Parquet."""
+    return files(path)[0].suffix == ".arrow"
+
+
+def _schema(f: Path) -> pa.Schema:
+    if f.suffix == ".arrow":
+        with pa.memory_map(str(f)) as src:
+            return pa.ipc.open_stream(src).schema
+    return pq.read_schema(f)
+
+
+def batches(f: Path, batch_rows: int = 256, columns=COLUMNS):
+    """``columns`` of one Parquet or Arrow-stream file, a record batch at a time (never the whole file)."""
+    if f.suffix == ".arrow":
+        with pa.memory_map(str(f)) as src:
+            for batch in pa.ipc.open_stream(src):
+                yield batch.select(list(columns))
+        return
+    yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=list(columns))
 
 
 def detect_format(path: str) -> str:
     """'pickapic' when the first file has the Pick-a-Pic columns, else 'raypref'."""
-    names = set(pq.read_schema(files(path)[0]).names)
-    return "pickapic" if set(COLUMNS) <= names else "raypref"
+    return "pickapic" if set(COLUMNS) <= set(_schema(files(path)[0]).names) else "raypref"
 
 
 def image_bytes(value) -> bytes | None:
@@ -72,12 +100,11 @@ def check(path: str, batch_rows: int = 256) -> dict:
     bad cell. -> {"files", "rows", "pairs", "ties"}."""
     stats = {"files": 0, "rows": 0, "pairs": 0, "ties": 0}
     for f in files(path):
-        pf = pq.ParquetFile(f)
-        missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
+        missing = [c for c in COLUMNS if c not in _schema(f).names]
         if missing:
             raise ValueError(f"{f}: missing column(s) {missing} of the Pick-a-Pic layout {list(COLUMNS)}")
         row = 0
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
+        for batch in batches(f, batch_rows):
             cols = batch.to_pydict()
             for i in range(batch.num_rows):
                 for c in COLUMNS:
@@ -91,6 +118,14 @@ def check(path: str, batch_rows: int = 256) -> dict:
     if not stats["pairs"]:
         raise ValueError(f"{path}: {stats['rows']} rows but no preference (every label is a tie)")
     return stats
+
+
+def file_rows(batch: dict):
+    """Ray Data ``map_batches`` generator over a batch of {"file": path}: each file's training rows, a
+    record batch at a time (how save_to_disk datasets stream; Parquet goes through read_parquet)."""
+    for f in batch["file"]:
+        for b in batches(Path(str(f))):
+            yield to_rows(pa.Table.from_batches([b]))
 
 
 def to_rows(batch: pa.Table) -> pa.Table:

@@ -94,3 +94,23 @@ def test_huggingface_image_structs_are_read(tmp_path):
     rows = pickapic.to_rows(structs).to_pylist()
     assert decode_png(rows[0]["images"][0]).shape == (16, 16, 3)
     assert rows == pickapic.to_rows(plain).to_pylist()
+
+
+def test_a_save_to_disk_dataset_streams_through_ray_data(ray_local, tmp_path):
+    """datasets' save_to_disk output (Arrow stream files; images as the Image feature) is read without the
+    datasets package: checked row by row, then streamed by Ray Data to the same rows as the Parquet."""
+    import datasets
+
+    plain = _pairs(5, ties=1)
+    ds = datasets.Dataset.from_dict(plain.to_pydict())
+    ds = ds.cast_column("jpg_0", datasets.Image()).cast_column("jpg_1", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hf"), max_shard_size="2KB")  # several .arrow shards
+    assert len(pickapic.files(str(tmp_path / "hf"))) > 1 and pickapic.is_arrow(str(tmp_path / "hf"))
+    assert pickapic.detect_format(str(tmp_path / "hf")) == "pickapic"
+    assert pickapic.check(str(tmp_path / "hf")) == {"files": len(pickapic.files(str(tmp_path / "hf"))),
+                                                   "rows": 6, "pairs": 5, "ties": 1}
+    cfg = load_config(train_tiny(), None, [f"data.path={tmp_path / 'hf'}"])
+    got = sorted(train.read_data(cfg).take_all(), key=lambda r: r["images"][0])
+    want = sorted(pickapic.to_rows(plain).to_pylist(), key=lambda r: r["images"][0])
+    assert [(r["prompt"], list(r["images"]), list(r["phi"])) for r in got] == [
+        (r["prompt"], r["images"], r["phi"]) for r in want]
