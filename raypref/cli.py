@@ -54,6 +54,24 @@ FORWARD = {
 }
 
 
+def _prefs_convert(args) -> int:
+    import json
+    import logging
+    import os
+
+    import ray
+
+    from raypref import pickapic
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's progress lines: its log file only
+    print(f"raypref prefs convert: checking {args.input}, then grouping per caption with Ray Data", file=sys.stderr)
+    print(json.dumps(pickapic.convert(args.input, args.output), indent=1))
+    return 0
+
+
 def _forward(command: str, argv: list[str]) -> int:
     module, _ = FORWARD[command]
     sys.argv[0] = f"raypref {command}"  # the job's argparse names itself after argv[0]
@@ -140,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
         # placeholders for the top-level help: main() hands these commands' arguments to the job
         sub.add_parser(name, help=f"{text} ({job}.main; `raypref {name} --help` lists its options)",
                        add_help=False)
+
+    p = sub.add_parser("prefs", help="preference data tools: `prefs convert` (Pick-a-Pic layout -> raypref's)")
+    prefs = p.add_subparsers(dest="prefs_command", required=True)
+    p = prefs.add_parser(
+        "convert", help="Pick-a-Pic-layout Parquet or save_to_disk data -> raypref's layout",
+        description="Check every row (file, row and column of a bad one named; nothing written), then write "
+                    "raypref's layout grouped per caption: one K-image ranking row where a caption's pairs are "
+                    "consistent (RankDPO can use it), else one row per pair; ties dropped.")
+    p.add_argument("input", help="Pick-a-Pic Parquet file or directory, or a Dataset.save_to_disk directory")
+    p.add_argument("output", help="a new directory for the Parquet files")
+    p.set_defaults(func=_prefs_convert)
 
     p = sub.add_parser(
         "serve", help="serve the images API (OpenAI-compatible) and/or the judge on this machine",

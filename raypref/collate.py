@@ -49,6 +49,21 @@ def select(row: dict, cfg: LossSection) -> tuple[list[int], list[tuple[int, int,
     return list(range(k)), [(i, j, 1.0) for i in range(k) for j in range(k) if phi[i] > phi[j]]
 
 
+def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An image at the model's (height, width): resized so it covers it (bicubic), then centre-cropped,
+    as diffusers' DPO script prepares Pick-a-Pic's mixed sizes. Images already that size are untouched."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    from PIL import Image
+
+    scale = max(h / image.shape[0], w / image.shape[1])
+    rh, rw = max(h, round(image.shape[0] * scale)), max(w, round(image.shape[1] * scale))
+    im = Image.fromarray(image).resize((rw, rh), Image.BICUBIC)
+    top, left = (rh - h) // 2, (rw - w) // 2
+    return np.asarray(im.crop((left, top, left + w, top + h)))
+
+
 def _row_seed(seed: int, step: int, pid: str) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7919 + int(pid[:15], 16)) % (2**63 - 1)
 
@@ -68,9 +83,10 @@ def collate(rows: list[dict], state: TrainState) -> dict:
     schedule = pipe.noise_schedule()
     images, row_of, prompts, pairs, pair_w, phis, noises = [], [], [], [], [], [], []
     skipped = 0
+    size = pipe.default_size()
     with phase(state, "data"):
         picked = [(row, select(row, cfg)) for row in rows]
-        decoded = [[decode_png(row["images"][i]) for i in sel[0]] if sel else [] for row, sel in picked]
+        decoded = [[fit(decode_png(row["images"][i]), size) for i in sel[0]] if sel else [] for row, sel in picked]
     for (row, sel), row_images in zip(picked, decoded):
         if sel is None:
             skipped += 1

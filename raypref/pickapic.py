@@ -120,12 +120,26 @@ def check(path: str, batch_rows: int = 256) -> dict:
     return stats
 
 
-def file_rows(batch: dict):
-    """Ray Data ``map_batches`` generator over a batch of {"file": path}: each file's training rows, a
-    record batch at a time (how save_to_disk datasets stream; Parquet goes through read_parquet)."""
+def file_pairs(batch: dict):
+    """Ray Data ``map_batches`` generator over a batch of {"file": path}: each file's Pick-a-Pic rows, a
+    record batch at a time, images as bytes (how save_to_disk datasets stream; Parquet uses read_parquet)."""
     for f in batch["file"]:
         for b in batches(Path(str(f))):
-            yield to_rows(pa.Table.from_batches([b]))
+            t = pa.Table.from_batches([b])
+            for c in ("jpg_0", "jpg_1"):
+                t = t.set_column(t.schema.get_field_index(c), c,
+                                 pa.array([image_bytes(v) for v in t[c].to_pylist()], pa.binary()))
+            yield t.set_column(t.schema.get_field_index("label_0"), "label_0", t["label_0"].cast(pa.float64()))
+
+
+def read(path: str):
+    """The Pick-a-Pic rows of ``path`` as a Ray Dataset (images as bytes), streamed."""
+    import ray
+
+    if is_arrow(path):  # a save_to_disk dataset: one read task per Arrow file
+        return ray.data.from_items([{"file": str(f)} for f in files(path)]).map_batches(
+            file_pairs, batch_size=1, batch_format="numpy")
+    return ray.data.read_parquet([str(f) for f in files(path)], columns=list(COLUMNS))
 
 
 def to_rows(batch: pa.Table) -> pa.Table:
@@ -158,3 +172,80 @@ def example_table(images: list[np.ndarray], captions: list[str], labels: list[fl
     return pa.Table.from_pydict({
         "caption": captions, "jpg_0": [encode_png(im) for im in images[0::2]],
         "jpg_1": [encode_png(im) for im in images[1::2]], "label_0": [float(x) for x in labels]})
+
+
+def group_to_rows(group: pa.Table) -> pa.Table:
+    """All pairs of one caption -> ``prefdata.SCHEMA`` rows. Its distinct images (by content) and the
+    pairs' (winner, loser) edges: when the edges have no cycle the caption becomes one K-image ranking
+    row (phi = the image's depth in the order, scaled to [0, 1]; the pairs kept as consensus pairs),
+    so RankDPO sees the whole ranking; a cycle (inconsistent labels) keeps each pair as its own K = 2
+    row. Ties are dropped. A ``map_groups`` function (pyarrow in and out)."""
+    import hashlib
+
+    from raypref.labels import ranking
+    from raypref.prefdata import SCHEMA, make_row
+
+    cols = group.to_pydict()
+    caption = cols["caption"][0]
+    images, index, edges = [], {}, []
+    for a, b, label in zip(cols["jpg_0"], cols["jpg_1"], cols["label_0"]):
+        if float(label) == 0.5:
+            continue
+        ids = []
+        for im in (image_bytes(a), image_bytes(b)):
+            key = hashlib.sha1(im).hexdigest()
+            if key not in index:
+                index[key] = len(images)
+                images.append(im)
+            ids.append(index[key])
+        edges.append((ids[0], ids[1]) if float(label) == 1.0 else (ids[1], ids[0]))
+    if not edges:
+        return pa.Table.from_pylist([], schema=SCHEMA)
+
+    def row(imgs, phi, pairs):
+        return make_row(caption, "", imgs, [f"pickapic:{i}" for i in range(len(imgs))], [0] * len(imgs),
+                        ["label"], [phi], phi, ranking(phi), [(i, j, 1, 0) for i, j in pairs])
+
+    depth = _depths(len(images), sorted(set(edges)))
+    if depth is None or len(images) == 2:  # a cycle, or just one pair: pairwise rows
+        return pa.Table.from_pylist([row([images[w], images[lo]], [1.0, 0.0], [(0, 1)]) for w, lo in edges],
+                                    schema=SCHEMA)
+    top = max(depth)
+    return pa.Table.from_pylist([row(images, [d / top for d in depth], sorted(set(edges)))], schema=SCHEMA)
+
+
+def _depths(n: int, edges: list[tuple[int, int]]) -> list[int] | None:
+    """Longest path from each node down to a sink of the (winner -> loser) graph; None on a cycle."""
+    below = {i: [lo for w, lo in edges if w == i] for i in range(n)}
+    depth: dict[int, int] = {}
+    active: set[int] = set()
+
+    def visit(i: int) -> int | None:
+        if i in depth:
+            return depth[i]
+        if i in active:
+            return None
+        active.add(i)
+        sub = [visit(j) for j in below[i]]
+        active.discard(i)
+        if any(d is None for d in sub):
+            return None
+        depth[i] = 1 + max(sub) if sub else 0
+        return depth[i]
+
+    out = [visit(i) for i in range(n)]
+    return None if any(d is None for d in out) else out
+
+
+def convert(path: str, out: str) -> dict:
+    """Pick-a-Pic data at ``path`` -> raypref's layout (``prefdata.SCHEMA`` Parquet files in ``out``),
+    rows grouped per caption by Ray Data (a shuffle, never the whole set in one process); -> counts."""
+    stats = check(path)
+    if Path(out).expanduser().exists() and any(Path(out).expanduser().iterdir()):
+        raise ValueError(f"{out} is not empty; convert writes into a new directory")
+    read(path).groupby("caption").map_groups(group_to_rows, batch_format="pyarrow").write_parquet(
+        str(Path(out).expanduser().resolve()))
+    table = pq.read_table(str(Path(out).expanduser()), columns=["images"])
+    k = [len(x) for x in table.column("images").to_pylist()]
+    return {**stats, "rows_written": len(k), "ranking_rows": sum(x > 2 for x in k),
+            "pair_rows": sum(x == 2 for x in k)}

@@ -74,8 +74,11 @@ class PaidLedger:
         line = json.dumps({"t": time.time(), "invocation": self.invocation, "scope": self.scope,
                            "source": source, "calls": int(calls), "cost": float(cost)}) + "\n"
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a crash tore the last line: start a new one
+                line = "\n" + line
             os.write(fd, line.encode())
             os.fsync(fd)
         finally:
@@ -99,19 +102,24 @@ def read_paid(path, scope: str | None = None, invocation: str | None = None) -> 
 
 
 class MeteredJudge:
-    """A judge whose batch calls are paid into a ``PaidLedger`` (source "judge", one call per item)
-    as they return; everything else passes through."""
+    """A judge whose batch calls are paid into a ``PaidLedger`` (source "judge", ``call_cost`` each) when
+    they return or fail: the judge's own call counter when it keeps one (a served judge counts what it
+    sent), else one call per item; everything else passes through."""
 
-    def __init__(self, judge, paid: PaidLedger):
-        self.judge, self.paid = judge, paid
+    def __init__(self, judge, paid: PaidLedger, call_cost: float = 0.0):
+        self.judge, self.paid, self.call_cost = judge, paid, call_cost
 
     def __getattr__(self, name):
         return getattr(self.judge, name)
 
     def _metered(self, name, n, *args):
-        out = getattr(self.judge, name)(*args)
-        self.paid.pay("judge", n)
-        return out
+        before = getattr(self.judge, "calls", None)
+        try:
+            return getattr(self.judge, name)(*args)
+        finally:  # a call that failed after it was sent was still paid
+            after = getattr(self.judge, "calls", None)
+            calls = after - before if isinstance(before, int) and isinstance(after, int) else n
+            self.paid.pay("judge", calls, calls * self.call_cost)
 
     def discriminate_batch(self, prompts, images):
         return self._metered("discriminate_batch", len(prompts), prompts, images)
@@ -138,13 +146,14 @@ class MeteredGenerator:
 
     def generate(self, prompts, seeds):
         before = generator_counters(self.gen)
-        images = self.gen.generate(prompts, seeds)
-        after = generator_counters(self.gen)
-        if before is None or after is None:
-            self.paid.pay(self.source, len(prompts), len(prompts) * self.default_cost)
-        else:
-            self.paid.pay(self.source, after[0] - before[0], after[1] - before[1])
-        return images
+        try:
+            return self.gen.generate(prompts, seeds)
+        finally:  # paid even when the call fails part-way (the counters say what went out)
+            after = generator_counters(self.gen)
+            if before is None or after is None:
+                self.paid.pay(self.source, len(prompts), len(prompts) * self.default_cost)
+            else:
+                self.paid.pay(self.source, after[0] - before[0], after[1] - before[1])
 
 
 class TeacherLedger:

@@ -78,7 +78,7 @@ def stage_director(cfg: EvolveConfig, ctx: RoundContext, sdir: Path) -> dict:
         paid = ctx.paid.scoped(f"round {ctx.r} director")
         teachers = {name: MeteredGenerator(gen, paid, f"teacher:{name}", dcfg.models.default_teacher_cost)
                     for name, gen in teachers.items()}
-        get_judge = lambda: MeteredJudge(ctx.judge.get(), paid)  # noqa: E731
+        get_judge = lambda: MeteredJudge(ctx.judge.get(), paid, dcfg.judge.call_cost)  # noqa: E731
     result = director.curate(dcfg, ctx.r, base, teachers, get_judge)
     write_sft(sdir / "sft.parquet", result.dataset)
     return {

@@ -349,51 +349,53 @@ def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_clas
     _log(cfg, f"{len(prompts)} prompts in {n_chunks} chunks: {len(done)} already done, {len(pending)} to build now")
 
     ledger = _ledger_actor(paid) if pending else None
-    window = cfg.run.window_chunks or max(len(pending), 1)
-    written, gen_time, new_images = [], 0.0, 0
-    for w in range(0, len(pending), window):
-        chunks = pending[w:w + window]
-        items = []
-        for c in chunks:
-            for idx in range(c * size, min((c + 1) * size, len(prompts))):
-                p, cat = prompts[idx]
-                pid = prefdata.prompt_id(p)
-                items.append({"index": idx, "chunk": c, "prompt": p, "category": cat,
-                              **{f"seed_{k}": derive_seed(pid, s, cfg.generators.seed) for k, s in enumerate(specs)}})
-        expected = {c: min((c + 1) * size, len(prompts)) - c * size for c in chunks}
-        buffers: dict[int, list[pa.Table]] = defaultdict(list)
-        have: dict[int, int] = defaultdict(int)
-        tw = time.time()
-        ds = build_dataset(items, cfg, generator_classes, reward_classes, ledger)
-        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            chunk_col = np.asarray(block.column("chunk").to_numpy())
-            for c in np.unique(chunk_col):
-                c = int(c)
-                part = block.filter(pa.array(chunk_col == c))
-                buffers[c].append(part)
-                have[c] += len(part)
-                if have[c] > expected[c]:
-                    raise RuntimeError(f"chunk {c}: got {have[c]} rows for {expected[c]} prompts (a row came twice)")
-                if have[c] == expected[c]:
-                    stats = _write_chunk(out, c, pa.concat_tables(buffers.pop(c)), specs)
-                    written.append(stats)
-                    new_images += stats["images"]
-                    el = gen_time + time.time() - tw
-                    _log(
-                        cfg,
-                        f"chunk {c + 1}/{n_chunks} written: {stats['rows']} rows, "
-                        f"{len(done) + len(written)}/{n_chunks} done, {new_images / max(el, 1e-9):.1f} images/s, "
-                        f"cost {sum(stats['cost'].values()):g}",
-                    )
-        gen_time += time.time() - tw
-        missing = {c: (have[c], expected[c]) for c in chunks if have[c] != expected[c]}
-        if missing:
-            raise RuntimeError(f"the stream ended with incomplete chunks (rows, expected): {missing}")
+    try:
+        window = cfg.run.window_chunks or max(len(pending), 1)
+        written, gen_time, new_images = [], 0.0, 0
+        for w in range(0, len(pending), window):
+            chunks = pending[w:w + window]
+            items = []
+            for c in chunks:
+                for idx in range(c * size, min((c + 1) * size, len(prompts))):
+                    p, cat = prompts[idx]
+                    pid = prefdata.prompt_id(p)
+                    seeds = {f"seed_{k}": derive_seed(pid, s, cfg.generators.seed) for k, s in enumerate(specs)}
+                    items.append({"index": idx, "chunk": c, "prompt": p, "category": cat, **seeds})
+            expected = {c: min((c + 1) * size, len(prompts)) - c * size for c in chunks}
+            buffers: dict[int, list[pa.Table]] = defaultdict(list)
+            have: dict[int, int] = defaultdict(int)
+            tw = time.time()
+            ds = build_dataset(items, cfg, generator_classes, reward_classes, ledger)
+            for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                chunk_col = np.asarray(block.column("chunk").to_numpy())
+                for c in np.unique(chunk_col):
+                    c = int(c)
+                    part = block.filter(pa.array(chunk_col == c))
+                    buffers[c].append(part)
+                    have[c] += len(part)
+                    if have[c] > expected[c]:
+                        raise RuntimeError(
+                            f"chunk {c}: got {have[c]} rows for {expected[c]} prompts (a row came twice)")
+                    if have[c] == expected[c]:
+                        stats = _write_chunk(out, c, pa.concat_tables(buffers.pop(c)), specs)
+                        written.append(stats)
+                        new_images += stats["images"]
+                        el = gen_time + time.time() - tw
+                        _log(
+                            cfg,
+                            f"chunk {c + 1}/{n_chunks} written: {stats['rows']} rows, "
+                            f"{len(done) + len(written)}/{n_chunks} done, {new_images / max(el, 1e-9):.1f} images/s, "
+                            f"cost {sum(stats['cost'].values()):g}",
+                        )
+            gen_time += time.time() - tw
+            missing = {c: (have[c], expected[c]) for c in chunks if have[c] != expected[c]}
+            if missing:
+                raise RuntimeError(f"the stream ended with incomplete chunks (rows, expected): {missing}")
+    finally:  # the ledger actor must not outlive the run, failed or not
+        if ledger is not None:
+            import ray
 
-    if ledger is not None:
-        import ray
-
-        ray.kill(ledger)
+            ray.kill(ledger)
     summary = _summary(cfg, out, n_chunks, done, written, input_skips, len(prompts), time.time() - t0, gen_time)
     summary["this_run"]["paid"] = read_paid(paid.path, paid.scope, paid.invocation)
     summary["total"]["paid"] = read_paid(paid.path, paid.scope)

@@ -332,10 +332,7 @@ def read_data(cfg: TrainConfig):
         fmt = "raypref" if "://" in path else pickapic.detect_format(path)
     if fmt == "pickapic":
         pickapic.check(path)
-        if pickapic.is_arrow(path):  # a save_to_disk dataset: one read task per Arrow file
-            return ray.data.from_items([{"file": str(f)} for f in pickapic.files(path)]).map_batches(
-                pickapic.file_rows, batch_size=1, batch_format="numpy")
-        return ray.data.read_parquet(path).map_batches(pickapic.to_rows, batch_format="pyarrow", batch_size=64)
+        return pickapic.read(path).map_batches(pickapic.to_rows, batch_format="pyarrow", batch_size=64)
     return ray.data.read_parquet(path).select_columns(COLUMNS)
 
 

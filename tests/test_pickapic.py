@@ -114,3 +114,54 @@ def test_a_save_to_disk_dataset_streams_through_ray_data(ray_local, tmp_path):
     want = sorted(pickapic.to_rows(plain).to_pylist(), key=lambda r: r["images"][0])
     assert [(r["prompt"], list(r["images"]), list(r["phi"])) for r in got] == [
         (r["prompt"], r["images"], r["phi"]) for r in want]
+
+
+def _png_bytes(value: int) -> bytes:
+    from raypref.prefdata import encode_png
+
+    return encode_png(np.full((16, 16, 3), value, np.uint8))
+
+
+def test_pairs_of_one_caption_become_a_ranking_where_consistent():
+    a, b, c, d = (_png_bytes(v) for v in (10, 20, 30, 40))
+    consistent = pa.Table.from_pydict({"caption": ["p"] * 4, "jpg_0": [a, c, b, d], "jpg_1": [b, b, c, a],
+                                       "label_0": [1.0, 0.0, 1.0, 0.5]})  # a > b, b > c (twice); a tie
+    (row,) = pickapic.group_to_rows(consistent).to_pylist()
+    assert row["images"] == [a, b, c] and row["phi"] == [1.0, 0.5, 0.0] and row["ranking"] == [1, 2, 3]
+    assert {(p["i"], p["j"]) for p in row["pairs"]} == {(0, 1), (1, 2)}
+    cycle = pa.Table.from_pydict({"caption": ["q"] * 3, "jpg_0": [a, b, c], "jpg_1": [b, c, a],
+                                  "label_0": [1.0, 1.0, 1.0]})  # a > b > c > a: no ranking
+    rows = pickapic.group_to_rows(cycle).to_pylist()
+    assert [r["images"] for r in rows] == [[a, b], [b, c], [c, a]] and all(r["phi"] == [1.0, 0.0] for r in rows)
+
+
+def test_prefs_convert_writes_raypref_layout(ray_local, tmp_path, capsys):
+    from raypref.cli import main
+    from raypref.prefdata import SCHEMA
+
+    a, b, c = (_png_bytes(v) for v in (10, 20, 30))
+    pq.write_table(pa.Table.from_pydict({"caption": ["p", "q", "p", "r"], "jpg_0": [a, a, b, c],
+                                         "jpg_1": [b, c, c, a], "label_0": [1.0, 0.0, 1.0, 0.5]}),
+                   tmp_path / "in.parquet")
+    assert main(["prefs", "convert", str(tmp_path / "in.parquet"), str(tmp_path / "out")]) == 0
+    table = pq.read_table(tmp_path / "out")
+    assert table.schema.equals(SCHEMA, check_metadata=False)
+    got = {r["prompt"]: r for r in table.to_pylist()}
+    assert sorted(got) == ["p", "q"]  # r was a tie
+    assert got["p"]["images"] == [a, b, c] and got["p"]["phi"] == [1.0, 0.5, 0.0]
+    assert got["q"]["images"] == [c, a] and got["q"]["phi"] == [1.0, 0.0]
+    assert main(["prefs", "convert", str(tmp_path / "in.parquet"), str(tmp_path / "out")]) == 2
+    assert "is not empty" in capsys.readouterr().err  # a re-run never overwrites
+
+
+def test_images_of_other_sizes_are_fitted_to_the_model():
+    from raypref.collate import fit
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    out = fit(wide, (16, 16))
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    same = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert fit(same, (16, 16)) is same
+    small = fit(np.full((8, 12, 3), 200, np.uint8), (16, 16))  # upscaled to cover, then cropped
+    assert small.shape == (16, 16, 3) and (small == 200).all()

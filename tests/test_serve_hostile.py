@@ -213,6 +213,32 @@ def test_the_judge_checks_declared_image_size_before_decoding(apps):
     r = requests.post(f"{url}/judge/discriminate", json={"prompt": "a circle", "images": [ok, ok]},
                       headers=AUTH, timeout=60)
     assert r.status_code == 200 and set(r.json()) == {"index"}
+    import io
+
+    from PIL import Image
+
+    tiff = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tiff, format="TIFF")  # PNG only: no other decoder sees client bytes
+    r = requests.post(f"{url}/judge/vqa", json={"image": base64.b64encode(tiff.getvalue()).decode(),
+                                                "questions": ["is there a circle?"]}, headers=AUTH, timeout=60)
+    assert "not a base64-encoded PNG" in _openai_error(r, 400)
+    r = requests.post(f"{url}/judge/expand", json={"prompt": "a circle \ud800", "n": 2}, headers=AUTH, timeout=60)
+    assert "valid Unicode" in _openai_error(r, 400)
+
+
+def test_a_replica_bounds_the_pixels_all_its_requests_hold():
+    from raypref.serving.http import APIError
+    from raypref.serving.judge import ImageBudget, ReplicaPixels
+
+    replica = ReplicaPixels(limit=300)
+    a, b = ImageBudget(200, 400, replica), ImageBudget(200, 400, replica)
+    a.take(10, 10), a.take(10, 10)
+    with pytest.raises(APIError) as e:
+        b.take(10, 11)  # 200 + 110 > 300: the replica is full while a waits
+    assert e.value.status == 503 and replica.held == 200
+    a.release()  # a answered: its pixels come back
+    b.take(10, 11)
+    assert replica.held == 110
 
 
 # ---------------------------------------------------------------------------------------------- 5. judge auth

@@ -47,6 +47,37 @@ def test_judge_calls_are_paid_per_item_and_a_torn_line_is_skipped(tmp_path):
     with open(tmp_path / "spend.jsonl", "a") as f:
         f.write('{"t": 1, "invocation": "inv-1", "sco')  # a crash mid-write
     assert read_paid(tmp_path / "spend.jsonl")["calls"] == {"judge": 5}
+    PaidLedger(tmp_path / "spend.jsonl", "inv-2").pay("judge", 7, 0.7)  # the next writer's line survives
+    assert read_paid(tmp_path / "spend.jsonl")["calls"] == {"judge": 12}
+    assert read_paid(tmp_path / "spend.jsonl", invocation="inv-2") == {"calls": {"judge": 7}, "cost": {"judge": 0.7}}
+
+
+def test_a_call_that_fails_part_way_is_still_paid(tmp_path):
+    paid = PaidLedger(tmp_path / "spend.jsonl", "inv-1")
+
+    class FailsAfterTwo(Teacher):  # bills two images, then the connection drops
+        def generate(self, prompts, seeds):
+            self.calls += 2
+            self.cost += 2 * PROFILES["quill"].cost
+            raise ConnectionError("dropped")
+
+    gen = MeteredGenerator(FailsAfterTwo("quill"), paid, "teacher:quill", default_cost=9.0)
+    try:
+        gen.generate(["a circle"] * 3, [1, 2, 3])
+    except ConnectionError:
+        pass
+    assert read_paid(tmp_path / "spend.jsonl")["calls"] == {"teacher:quill": 2}
+
+    class Flaky:  # a judge keeping no counter, failing mid-batch: each item sent is paid at call_cost
+        def mutate_batch(self, n):
+            raise TimeoutError
+
+    judge = MeteredJudge(Flaky(), paid, call_cost=0.25)
+    try:
+        judge.mutate_batch(4)
+    except TimeoutError:
+        pass
+    assert read_paid(tmp_path / "spend.jsonl")["cost"]["judge"] == 1.0
 
 
 def test_invocations_show_what_a_killed_invocation_paid(tmp_path):

@@ -44,7 +44,7 @@ def decode_png_b64(data: str, check_size=None) -> np.ndarray:
         data = data.split(",", 1)[-1]
     try:
         raw = base64.b64decode(data, validate=True)
-        im = Image.open(io.BytesIO(raw))  # reads the header only
+        im = Image.open(io.BytesIO(raw), formats=["PNG"])  # reads the header only; PNG, no other decoder
     except Exception:  # binascii.Error, PIL.UnidentifiedImageError, ...: not the client's business which
         raise ValueError("not a base64-encoded PNG image") from None
     with im:

@@ -9,14 +9,14 @@ import numpy as np
 
 from raypref.judges.common import _BatchForms, _check_images, _digest, check_image
 from raypref.shapes.detect import _scaled_checks, check_results, checks, detect
-from raypref.shapes.grammar import CATEGORIES, COLORS, NUMBERS, SHAPES, all_prompts, parse
+from raypref.shapes.grammar import CATEGORIES, COLORS, NUMBERS, SHAPES, GrammarError, all_prompts, parse
 
 
 def _question_prompt(question: str) -> str:
     """A grammar prompt whose DSG questions include ``question`` (inverse of detect.checks)."""
     words = question.rstrip("?").split(" ")
     if not question.endswith("?"):
-        raise ValueError(f"question {question!r} is not one the shapes judge asks (no '?')")
+        raise GrammarError(f"question {question!r} is not one the shapes judge asks (no '?')")
     if words[:3] == ["is", "there", "a"] and len(words) == 4:  # is there a {shape}?
         return f"a {words[3]}"
     if words[:3] == ["is", "there", "a"] and len(words) == 5:  # is there a {color} {shape}? (color_attr)
@@ -27,13 +27,13 @@ def _question_prompt(question: str) -> str:
     if words[:3] == ["are", "there", "exactly"] and len(words) == 5:  # are there exactly {n} {shape}s?
         names = {str(v): k for k, v in NUMBERS.items()}
         if words[3] not in names:
-            raise ValueError(f"question {question!r}: the shapes grammar counts {', '.join(names)} only")
+            raise GrammarError(f"question {question!r}: the shapes grammar counts {', '.join(names)} only")
         return f"{names[words[3]]} {words[4]}"
     if words[:2] == ["is", "the"] and len(words) == 4:  # is the {shape} {color}?
         return f"a {words[3]} {words[2]}"
     if words[:2] == ["is", "the"] and len(words) >= 6:  # is the {a} {relation} the {b}?
         return f"a {words[2]} {' '.join(words[3:-2])} a {words[-1]}"
-    raise ValueError(f"question {question!r} is not one the shapes judge asks")
+    raise GrammarError(f"question {question!r} is not one the shapes judge asks")
 
 
 class ShapesJudge(_BatchForms):
@@ -89,7 +89,7 @@ class ShapesJudge(_BatchForms):
         for q in questions:
             fn = dict(_scaled_checks(parse(_question_prompt(q)), image.shape[0])).get(q)
             if fn is None:
-                raise ValueError(f"question {q!r} is not one the shapes judge asks")
+                raise GrammarError(f"question {q!r} is not one the shapes judge asks")
             p = float(bool(fn(found)))
             if _digest(self.seed, "vqa", q, image) < self.error_rate:
                 p = 1.0 - p

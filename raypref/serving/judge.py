@@ -40,37 +40,69 @@ from starlette.responses import JSONResponse
 from raypref.judges import build_judge
 from raypref.judges.common import check_image, decode_png_b64
 from raypref.serving.http import APIError, Admission, check_auth, internal_error, parse_json, read_body
+from raypref.shapes.grammar import GrammarError
 
 OPS = ("discriminate", "vqa", "questions", "expand", "mutate")
 
 
+class ReplicaPixels:
+    """Decoded pixels a replica holds across its requests (they wait in the batch queue decoded):
+    at most ``limit``; a request that would pass it gets 503, and gives its pixels back when answered."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+
 @dataclass
 class ImageBudget:
-    """Pixels one request's images may have: each at most ``per_image``, together at most ``per_request``."""
+    """Pixels one request's images may have: each at most ``per_image``, together at most ``per_request``,
+    and within what the ``replica`` has left (taken as each image's header is read, before decoding)."""
 
     per_image: int = 2048 * 2048
     per_request: int = 4 * 2048 * 2048
+    replica: ReplicaPixels | None = None
     used: int = 0
 
     def take(self, width: int, height: int) -> None:
         if width * height > self.per_image:
             raise ValueError(f"the image is {width} x {height} pixels; the limit is {self.per_image} pixels")
-        self.used += width * height
-        if self.used > self.per_request:
+        if self.used + width * height > self.per_request:
             raise ValueError(f"the request's images have more than {self.per_request} pixels together")
+        if self.replica is not None:
+            if self.replica.held + width * height > self.replica.limit:
+                raise APIError(503, "the judge holds too many images in progress; retry shortly",
+                               type="server_error", code="overloaded", headers={"Retry-After": "1"})
+            self.replica.held += width * height
+        self.used += width * height
+
+    def release(self) -> None:
+        if self.replica is not None:
+            self.replica.held -= self.used
+        self.used = 0
+
+
+def _text(v) -> bool:
+    """A non-empty string that is valid Unicode text (a lone surrogate parses as JSON but is not)."""
+    if not isinstance(v, str) or not v:
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _str(payload: dict, key: str) -> str:
     v = payload.get(key)
-    if not isinstance(v, str) or not v:
-        raise ValueError(f"field {key!r} must be a non-empty string, got {v!r:.80}")
+    if not _text(v):
+        raise ValueError(f"field {key!r} must be a non-empty string of valid Unicode text")
     return v
 
 
 def _str_list(payload: dict, key: str) -> list[str]:
     v = payload.get(key)
-    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
-        raise ValueError(f"field {key!r} must be a non-empty list of non-empty strings")
+    if not isinstance(v, list) or not v or not all(_text(x) for x in v):
+        raise ValueError(f"field {key!r} must be a non-empty list of non-empty strings of valid Unicode text")
     return v
 
 
@@ -162,7 +194,7 @@ class JudgeDeployment:
     def __init__(self, backend: str, backend_kwargs: dict | None, max_batch_size: int, batch_wait_timeout_s: float,
                  api_key: str | None = None, max_body_kb: float = 8192.0, body_timeout_s: float = 10.0,
                  max_pending: int = 256, max_image_pixels: int = 2048 * 2048,
-                 max_request_pixels: int = 4 * 2048 * 2048):
+                 max_request_pixels: int = 4 * 2048 * 2048, max_replica_pixels: int = 32 * 2048 * 2048):
         self.judge = build_judge(backend, **(backend_kwargs or {}))
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -171,6 +203,8 @@ class JudgeDeployment:
         self.max_body_bytes = int(max_body_kb * 1024)
         self.admission = Admission(max_pending)
         self.pixels = (max_image_pixels, max_request_pixels)
+        # decoded images wait in the batch queue: bound what all requests together may hold
+        self.replica_pixels = ReplicaPixels(max_replica_pixels)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batched(self, items: list[tuple[str, tuple]]) -> list:
@@ -179,10 +213,19 @@ class JudgeDeployment:
         # (HTTP or a local VLM) works; max_concurrent_batches=1 keeps the judge single-threaded.
         return await asyncio.to_thread(run_batch, self.judge, items)
 
+    async def _run(self, op: str, payload: dict):
+        """The op's result, or the exception the judge raised for this request alone (returned);
+        ValueError (or APIError 503) when the payload is invalid."""
+        budget = ImageBudget(*self.pixels, replica=self.replica_pixels)
+        try:
+            # decoding PNGs takes time: off the event loop, so other requests keep being read and queued
+            args = await asyncio.to_thread(validate, op, payload, budget)
+            return await self._batched((op, args))
+        finally:
+            budget.release()
+
     async def _submit(self, op: str, payload: dict):
-        # decoding PNGs takes time: off the event loop, so other requests keep being read and queued
-        args = await asyncio.to_thread(validate, op, payload, ImageBudget(*self.pixels))
-        result = await self._batched((op, args))
+        result = await self._run(op, payload)
         if isinstance(result, Exception):
             raise result
         return result
@@ -223,11 +266,13 @@ class JudgeDeployment:
                 body = await read_body(request, self.max_body_bytes, self.body_timeout_s)
                 payload = await asyncio.to_thread(parse_json, body) if len(body) > 65536 else parse_json(body)
                 try:
-                    result = await self._submit(op, payload)
-                except (ValueError, TypeError, KeyError) as e:  # bad fields, or a prompt/question the judge rejects
+                    result = await self._run(op, payload)
+                except (ValueError, TypeError, KeyError) as e:  # the payload's fields (validate)
                     raise APIError(400, str(e).strip("'\"")) from None
-                except Exception as e:
-                    raise internal_error(f"judge {op}", e) from None
+                if isinstance(result, GrammarError):  # a prompt or question the shapes judge rejects
+                    raise APIError(400, str(result))
+                if isinstance(result, Exception):  # anything else the backend raised: its text stays here
+                    raise internal_error(f"judge {op}", result)
         except APIError as e:
             return e.response()
         return JSONResponse(_jsonable(op, result))
@@ -249,6 +294,7 @@ def build_judge_app(
     max_pending: int = 256,
     max_image_pixels: int = 2048 * 2048,
     max_request_pixels: int = 4 * 2048 * 2048,
+    max_replica_pixels: int = 32 * 2048 * 2048,
     name: str = "JudgeDeployment",
 ):
     """The judge as a Serve application (``serve.run(build_judge_app(...))``).
@@ -262,7 +308,8 @@ def build_judge_app(
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     for key, value in (("max_body_kb", max_body_kb), ("body_timeout_s", body_timeout_s), ("max_pending", max_pending),
-                       ("max_image_pixels", max_image_pixels), ("max_request_pixels", max_request_pixels)):
+                       ("max_image_pixels", max_image_pixels), ("max_request_pixels", max_request_pixels),
+                       ("max_replica_pixels", max_replica_pixels)):
         if not value > 0:
             raise ValueError(f"{key} must be > 0, got {value}")
     if api_key is not None and not api_key:
@@ -280,7 +327,8 @@ def build_judge_app(
     )
     return deployment.bind(backend, backend_kwargs or {}, max_batch_size, batch_wait_timeout_s, api_key=api_key,
                            max_body_kb=max_body_kb, body_timeout_s=body_timeout_s, max_pending=max_pending,
-                           max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels)
+                           max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels,
+                           max_replica_pixels=max_replica_pixels)
 
 
 def app_builder(args: dict):

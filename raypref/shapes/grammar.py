@@ -61,8 +61,13 @@ class Scene:
         return len(self.objects)
 
 
+class GrammarError(ValueError):
+    """Input outside the shapes world's grammar (a prompt, or a question the shapes judge does not ask):
+    the caller's mistake, safe to show to a client."""
+
+
 def _error(prompt: str, why: str) -> ValueError:
-    return ValueError(f"prompt {prompt!r} is not in the shapes grammar: {why}")
+    return GrammarError(f"prompt {prompt!r} is not in the shapes grammar: {why}")
 
 
 def _shape(prompt: str, word: str) -> str:
