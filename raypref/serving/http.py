@@ -53,6 +53,16 @@ def internal_error(what: str, exc: BaseException) -> APIError:
     return APIError(500, f"{what} failed on the server (ref {ref})", type="server_error")
 
 
+def unicode_error(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode (a lone surrogate such as "\\ud800" parses as JSON but cannot be
+    encoded, and tokenizers fail on it), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"character {e.start} is a lone surrogate"
+    return None
+
+
 def check_auth(request: Request, api_key: str | None) -> None:
     """401 unless ``api_key`` is None or the request carries ``Authorization: Bearer <api_key>``."""
     if api_key is None:

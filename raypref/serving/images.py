@@ -49,7 +49,9 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from raypref.judges.common import encode_png_b64
-from raypref.serving.http import APIError, Admission, check_auth, error_response, internal_error, parse_json, read_body
+from raypref.serving.http import (
+    APIError, Admission, check_auth, error_response, internal_error, parse_json, read_body, unicode_error,
+)
 
 DEFAULT_MODEL_NAME = "raypref-images"
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
@@ -83,11 +85,9 @@ def validate_request(payload, *, size: tuple[int, int], max_n: int, model_name: 
         raise APIError(400, f"'prompt' is required and must be a non-empty string, got {prompt!r:.80}", "prompt")
     if len(prompt) > max_prompt_chars:
         raise APIError(400, f"'prompt' has {len(prompt)} characters; the maximum is {max_prompt_chars}", "prompt")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate ("\\ud800") parses as JSON but is not text
-        raise APIError(400, f"'prompt' is not valid Unicode text (character {e.start} is a lone surrogate)",
-                       "prompt") from None
+    why = unicode_error(prompt)
+    if why:
+        raise APIError(400, f"'prompt' is not valid Unicode text ({why})", "prompt")
     n = payload.get("n", 1)
     n = 1 if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n:

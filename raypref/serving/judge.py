@@ -39,7 +39,9 @@ from starlette.responses import JSONResponse
 
 from raypref.judges import build_judge
 from raypref.judges.common import check_image, decode_png_b64
-from raypref.serving.http import APIError, Admission, check_auth, internal_error, parse_json, read_body
+from raypref.serving.http import (
+    APIError, Admission, check_auth, internal_error, parse_json, read_body, unicode_error,
+)
 from raypref.shapes.grammar import GrammarError
 
 OPS = ("discriminate", "vqa", "questions", "expand", "mutate")
@@ -82,14 +84,8 @@ class ImageBudget:
 
 
 def _text(v) -> bool:
-    """A non-empty string that is valid Unicode text (a lone surrogate parses as JSON but is not)."""
-    if not isinstance(v, str) or not v:
-        return False
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    """A non-empty string that is valid Unicode text."""
+    return isinstance(v, str) and bool(v) and unicode_error(v) is None
 
 
 def _str(payload: dict, key: str) -> str:
