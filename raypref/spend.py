@@ -85,6 +85,30 @@ class PaidLedger:
             os.close(fd)
 
 
+def pay(paid, source: str, calls: int, cost: float) -> None:
+    """Record a paid call in ``paid``: a PaidLedger, or a Ray actor holding one (``ledger_actor``; ``pay.remote``,
+    waited for, so the line is on disk before the call's result moves on)."""
+    if paid is None:
+        return
+    if hasattr(paid.pay, "remote"):
+        import ray
+
+        ray.get(paid.pay.remote(source, calls, cost))
+    else:
+        paid.pay(source, calls, cost)
+
+
+def ledger_actor(paid: PaidLedger):
+    """``paid`` in a zero-CPU actor pinned to this node: the generator actors, wherever they run, append
+    through it to the driver's file."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(PaidLedger).options(num_cpus=0, scheduling_strategy=node).remote(
+        paid.path, paid.invocation, paid.scope)
+
+
 def read_paid(path, scope: str | None = None, invocation: str | None = None) -> dict:
     """Totals of ``spend.jsonl`` (lines of ``scope`` / ``invocation`` when given):
     {"calls": {source: n}, "cost": {source: x}}. A torn last line (a crash mid-write) is skipped."""

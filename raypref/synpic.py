@@ -50,7 +50,7 @@ from raypref import labels, prefdata
 from raypref.config import to_dict
 from raypref.files import atomic_write
 from raypref.prompt_sources import _Skips, chunk_name, derive_seed, load_prompts, needs_grammar
-from raypref.spend import PaidLedger, read_paid
+from raypref.spend import PaidLedger, ledger_actor, pay, read_paid
 from raypref.synpic_config import PRESETS, GeneratorsSection, SynPicConfig
 
 
@@ -64,19 +64,6 @@ def generator_options(cfg: GeneratorsSection, kind: str) -> dict:
     if kind == "checkpoint":
         return ckpt
     return {"size": cfg.image_size, **ckpt}
-
-
-def pay(paid, source: str, calls: int, cost: float) -> None:
-    """Record a paid call in ``paid``: a spend.PaidLedger, or a Ray actor holding one (``pay.remote``,
-    waited for, so the line is on disk before the call's result moves on)."""
-    if paid is None:
-        return
-    if hasattr(paid.pay, "remote"):
-        import ray
-
-        ray.get(paid.pay.remote(source, calls, cost))
-    else:
-        paid.pay(source, calls, cost)
 
 
 class GenerateStage:
@@ -348,7 +335,7 @@ def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_clas
         pending = pending[:cfg.run.max_chunks]
     _log(cfg, f"{len(prompts)} prompts in {n_chunks} chunks: {len(done)} already done, {len(pending)} to build now")
 
-    ledger = _ledger_actor(paid) if pending else None
+    ledger = ledger_actor(paid) if pending else None
     try:
         window = cfg.run.window_chunks or max(len(pending), 1)
         written, gen_time, new_images = [], 0.0, 0
@@ -402,17 +389,6 @@ def run(cfg: SynPicConfig, *, generator_classes: dict | None = None, reward_clas
     atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
     _log(cfg, f"summary: {out / 'summary.json'}")
     return summary
-
-
-def _ledger_actor(paid: PaidLedger):
-    """``paid`` in a zero-CPU actor pinned to this node: the generator actors, wherever they run, append
-    through it to the driver's file."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(PaidLedger).options(num_cpus=0, scheduling_strategy=node).remote(
-        paid.path, paid.invocation, paid.scope)
 
 
 def _summary(cfg, out: Path, n_chunks, done_before, written, input_skips, n_prompts, wall, gen_time) -> dict:
