@@ -158,10 +158,15 @@ def split_images(images: np.ndarray, counts: list[int]) -> list[np.ndarray]:
     return [images[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def model_grammar(checkpoint: str, prompt_grammar: str) -> str | None:
-    """'shapes' when prompts must be in the shapes grammar, else None (free text)."""
+def check_grammar_option(prompt_grammar: str) -> None:
+    """ValueError unless ``prompt_grammar`` is one of the served model's grammar options."""
     if prompt_grammar not in ("auto", "shapes", "none"):
         raise ValueError(f"prompt_grammar must be 'auto', 'shapes' or 'none', got {prompt_grammar!r}")
+
+
+def model_grammar(checkpoint: str, prompt_grammar: str) -> str | None:
+    """'shapes' when prompts must be in the shapes grammar, else None (free text)."""
+    check_grammar_option(prompt_grammar)
     if prompt_grammar == "auto":
         from raypref.checkpoints import resolve_checkpoint
         from raypref.shapes.model import is_shapes_model
@@ -365,8 +370,7 @@ def build_images_app(
             raise ValueError(f"{key} must be > 0, got {value}")
     if not isinstance(max_pending, int) or max_pending < 1:
         raise ValueError(f"max_pending must be an integer >= 1, got {max_pending!r}")
-    if prompt_grammar not in ("auto", "shapes", "none"):
-        raise ValueError(f"prompt_grammar must be 'auto', 'shapes' or 'none', got {prompt_grammar!r}")
+    check_grammar_option(prompt_grammar)
     if batch_wait_timeout_s < 0:
         raise ValueError(f"batch_wait_timeout_s must be >= 0, got {batch_wait_timeout_s}")
     if num_replicas is not None and autoscaling_config is not None:
