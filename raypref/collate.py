@@ -12,11 +12,15 @@ from raypref.train_state import TrainState, autocast, phase
 COLUMNS = ["prompt_id", "prompt", "images", "generators", "phi", "pairs"]
 
 
-def select(row: dict, cfg: LossSection) -> tuple[list[int], list[tuple[int, int, float]]] | None:
+def select(
+    row: dict, cfg: LossSection, keep_ties: bool = False
+) -> tuple[list[int], list[tuple[int, int, float]]] | None:
     """Which images of a row to forward, and the (winner, loser, weight) pairs among them.
 
     Indices in the pairs are positions in the returned image list. None: the row gives no
     training signal for this method (all phi tied, no consensus pairs, no image of the generator).
+    ``keep_ties`` (DPO, ``data.ties=keep``): pairs of equal phi are kept too, as (first, second) ties; an
+    all-tied row gives the tie (0, 1) under ``best_worst``.
     """
     phi = np.asarray(row["phi"], dtype=np.float64)
     k = len(phi)
@@ -42,11 +46,14 @@ def select(row: dict, cfg: LossSection) -> tuple[list[int], list[tuple[int, int,
             out.append((pos[p["i"]], pos[p["j"]], float(w)))
         return idx, out
     # dpo
-    if phi.max() <= phi.min():
+    if phi.max() <= phi.min() and not (keep_ties and k > 1):
         return None
     if cfg.dpo_pairs == "best_worst":
+        if phi.max() <= phi.min():
+            return [0, 1], [(0, 1, 1.0)]
         return [int(np.argmax(phi)), int(np.argmin(phi))], [(0, 1, 1.0)]
-    return list(range(k)), [(i, j, 1.0) for i in range(k) for j in range(k) if phi[i] > phi[j]]
+    ties = [(i, j, 1.0) for i in range(k) for j in range(i + 1, k) if phi[i] == phi[j]] if keep_ties else []
+    return list(range(k)), [(i, j, 1.0) for i in range(k) for j in range(k) if phi[i] > phi[j]] + ties
 
 
 def fit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -74,18 +81,19 @@ def collate(rows: list[dict], state: TrainState) -> dict:
     If no row is usable: ``{"n_rows": 0, "skipped": len(rows)}``. Else a dict with ``x0`` [N, C, H, W],
     ``noise`` like x0,
     ``t`` [N], ``cond`` (per image), ``row`` [N] (prompt index of each image), ``pairs`` [P, 3]
-    long (winner, loser, prompt) and ``pair_w`` [P], ``phi`` [B, K] (rankdpo), ``n_rows`` B,
-    ``skipped`` (rows without signal).
+    long (winner, loser, prompt), ``pair_w`` [P] and ``pair_label`` [P] (1, or 0.5 for a tie),
+    ``phi`` [B, K] (rankdpo), ``n_rows`` B, ``skipped`` (rows without signal).
     """
     from raypref.prefdata import decode_png
 
     cfg, pipe = state.cfg.loss, state.pipe
     schedule = pipe.noise_schedule()
-    images, row_of, prompts, pairs, pair_w, phis, noises = [], [], [], [], [], [], []
+    images, row_of, prompts, pairs, pair_w, pair_label, phis, noises = [], [], [], [], [], [], [], []
     skipped = 0
     size = pipe.default_size()
     with phase(state, "data"):
-        picked = [(row, select(row, cfg)) for row in rows]
+        keep_ties = state.cfg.data.ties == "keep"
+        picked = [(row, select(row, cfg, keep_ties)) for row in rows]
         decoded = [[fit(decode_png(row["images"][i]), size) for i in sel[0]] if sel else [] for row, sel in picked]
     for (row, sel), row_images in zip(picked, decoded):
         if sel is None:
@@ -98,6 +106,7 @@ def collate(rows: list[dict], state: TrainState) -> dict:
         row_of += [b] * len(idx)
         pairs += [(base + i, base + j, b) for i, j, _ in row_pairs]
         pair_w += [w for _, _, w in row_pairs]
+        pair_label += [0.5 if row["phi"][idx[i]] == row["phi"][idx[j]] else 1.0 for i, j, _ in row_pairs]
         phis.append([float(v) for v in row["phi"]])
         noises.append(_row_seed(state.cfg.data.seed, state.step, row["prompt_id"]))
     if not prompts:
@@ -121,7 +130,8 @@ def collate(rows: list[dict], state: TrainState) -> dict:
     out = {"x0": x0, "noise": noise, "t": t, "cond": cond, "row": row_t, "n_rows": len(prompts),
            "skipped": skipped,
            "pairs": torch.as_tensor(pairs, dtype=torch.long, device=state.device).reshape(-1, 3),
-           "pair_w": torch.as_tensor(pair_w, dtype=torch.float32, device=state.device)}
+           "pair_w": torch.as_tensor(pair_w, dtype=torch.float32, device=state.device),
+           "pair_label": torch.as_tensor(pair_label, dtype=torch.float32, device=state.device)}
     if cfg.method == "rankdpo":
         ks = {len(p) for p in phis}
         if len(ks) != 1:

@@ -124,10 +124,17 @@ def diffusion_dpo_loss(
     ref_err_w: torch.Tensor,
     ref_err_l: torch.Tensor,
     beta: float,
+    label: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Diffusion-DPO loss per prompt, shape ``[B]`` (Wallace et al. 2023, arXiv 2311.12908).
 
     ``loss = -logsigmoid(-0.5 * beta * ((err_w - err_l) - (ref_err_w - ref_err_l)))``
+
+    With ``label`` ``[B]`` (the probability that the first image is preferred; None means 1) it is the
+    Bradley-Terry cross-entropy ``-(label * logsigmoid(z) + (1 - label) * logsigmoid(-z))``, z the logit
+    above. ``label = 0.5`` is a tie (Pick-a-Pic's ``label_0 = 0.5``): the loss is symmetric in the two
+    images, minimal at z = 0, so a tie pulls the implicit reward margin back to zero rather than
+    being dropped.
 
     The winner and loser of a pair must be noised with the same noise and the same t
     (the paper's code repeats one noise / timestep draw for both halves of the batch).
@@ -145,10 +152,17 @@ def diffusion_dpo_loss(
         ref_err_w, ref_err_l: ``[B]`` reference-model errors at the same noise and t.
         beta: KL strength in the paper's convention, > 0.
 
+        label: optional ``[B]`` in [0, 1], the first image's preference probability (0.5: a tie).
+
     Returns:
         ``[B]`` per-prompt losses; take ``.mean()`` for the batch loss.
     """
-    return -F.logsigmoid(diffusion_dpo_logits(err_w, err_l, ref_err_w, ref_err_l, beta))
+    z = diffusion_dpo_logits(err_w, err_l, ref_err_w, ref_err_l, beta)
+    if label is None:
+        return -F.logsigmoid(z)
+    if label.shape != z.shape or bool(((label < 0) | (label > 1)).any()):
+        raise ValueError(f"label must be [B] = {list(z.shape)} in [0, 1], got shape {list(label.shape)}")
+    return -(label * F.logsigmoid(z) + (1 - label) * F.logsigmoid(-z))
 
 
 def implicit_reward(err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> torch.Tensor:

@@ -95,9 +95,9 @@ def _bad_cell(column: str, value) -> str | None:
     return None
 
 
-def check(path: str, batch_rows: int = 256) -> dict:
+def check(path: str, batch_rows: int = 256, keep_ties: bool = False) -> dict:
     """Every row of every file, streaming; ValueError naming the file, row and column of the first
-    bad cell. -> {"files", "rows", "pairs", "ties"}."""
+    bad cell, or when no row would train (all ties, unless ``keep_ties``). -> {"files", "rows", "pairs", "ties"}."""
     stats = {"files": 0, "rows": 0, "pairs": 0, "ties": 0}
     for f in files(path):
         missing = [c for c in COLUMNS if c not in _schema(f).names]
@@ -115,7 +115,7 @@ def check(path: str, batch_rows: int = 256) -> dict:
             row += batch.num_rows
         stats["files"] += 1
         stats["rows"] += row
-    if not stats["pairs"]:
+    if not stats["pairs"] and not (keep_ties and stats["ties"]):
         raise ValueError(f"{path}: {stats['rows']} rows but no preference (every label is a tie)")
     return stats
 
@@ -142,9 +142,10 @@ def read(path: str):
     return ray.data.read_parquet([str(f) for f in files(path)], columns=list(COLUMNS))
 
 
-def to_rows(batch: pa.Table) -> pa.Table:
-    """Pick-a-Pic rows -> training rows (``collate.COLUMNS``), ties dropped. A ``map_batches`` function
-    (pyarrow in and out), so the whole set is never in memory."""
+def to_rows(batch: pa.Table, ties: str = "skip") -> pa.Table:
+    """Pick-a-Pic rows -> training rows (``collate.COLUMNS``). Ties are dropped, or with ``ties="keep"``
+    become rows of phi [0.5, 0.5] and no pair (``collate.select`` makes them DPO ties). A ``map_batches``
+    function (pyarrow in and out), so the whole set is never in memory."""
     from raypref.collate import COLUMNS as TRAIN_COLUMNS
     from raypref.prefdata import SCHEMA, prompt_id
 
@@ -152,7 +153,7 @@ def to_rows(batch: pa.Table) -> pa.Table:
     out = {c: [] for c in TRAIN_COLUMNS}
     for caption, a, b, label in zip(cols["caption"], cols["jpg_0"], cols["jpg_1"], cols["label_0"]):
         label = float(label)
-        if label == 0.5:
+        if label == 0.5 and ties != "keep":
             continue
         w, lo = (0, 1) if label == 1.0 else (1, 0)
         out["prompt_id"].append(prompt_id(caption))
@@ -160,7 +161,7 @@ def to_rows(batch: pa.Table) -> pa.Table:
         out["images"].append([image_bytes(a), image_bytes(b)])
         out["generators"].append(["pickapic:0", "pickapic:1"])
         out["phi"].append([label, 1.0 - label])
-        out["pairs"].append([{"i": w, "j": lo, "votes_i": 1, "votes_j": 0}])
+        out["pairs"].append([] if label == 0.5 else [{"i": w, "j": lo, "votes_i": 1, "votes_j": 0}])
     schema = pa.schema([SCHEMA.field(c) for c in TRAIN_COLUMNS])
     return pa.Table.from_pydict(out, schema=schema)
 

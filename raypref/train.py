@@ -121,7 +121,7 @@ def batch_loss(state: TrainState, batch: dict) -> tuple[torch.Tensor, dict[str, 
         return loss.sum(), m
     w, lo, prow = batch["pairs"].unbind(1)
     fn = balanced_dpo_loss if cfg.method == "balanced" else diffusion_dpo_loss
-    kwargs = {"vote_weight": batch["pair_w"]} if cfg.method == "balanced" else {}
+    kwargs = {"vote_weight": batch["pair_w"]} if cfg.method == "balanced" else {"label": batch["pair_label"]}
     pair_loss = fn(err[w], err[lo], ref[w], ref[lo], cfg.beta, **kwargs)
     if cfg.method == "dpo":
         pair_loss = pair_loss * batch["pair_w"]
@@ -331,8 +331,9 @@ def read_data(cfg: TrainConfig):
     if fmt == "auto":
         fmt = "raypref" if "://" in path else pickapic.detect_format(path)
     if fmt == "pickapic":
-        pickapic.check(path)
-        return pickapic.read(path).map_batches(pickapic.to_rows, batch_format="pyarrow", batch_size=64)
+        pickapic.check(path, keep_ties=cfg.data.ties == "keep")
+        return pickapic.read(path).map_batches(pickapic.to_rows, batch_format="pyarrow", batch_size=64,
+                                               fn_kwargs={"ties": cfg.data.ties})
     return ray.data.read_parquet(path).select_columns(COLUMNS)
 
 

@@ -41,8 +41,11 @@ class ModelSection:
 class DataSection:
     path: str = "~/raypref_runs/prefs/shapes.parquet"
     format: str = field(default="auto", metadata={
-        "help": "raypref (K-image ranking rows) | pickapic (caption, jpg_0, jpg_1, label_0 pairs; ties skipped) "
+        "help": "raypref (K-image ranking rows) | pickapic (caption, jpg_0, jpg_1, label_0 pairs) "
                 "| auto (from the first file's columns)"})
+    ties: str = field(default="skip", metadata={
+        "help": "skip | keep: a tie (Pick-a-Pic label_0 = 0.5, or a row whose phi are all equal) is skipped, "
+                "or trained at label 0.5 (loss.method=dpo only: its loss pulls the pair's margin to 0)"})
     seed: int = field(default=0, metadata={"help": "noise / timestep stream"})
     # Keep the worker's shard in memory after the first epoch, replayed in the same order. A small
     # preference set then costs one Ray Data execution instead of one per epoch (seconds each);
@@ -57,6 +60,7 @@ class DataSection:
         check(bool(self.path), "data.path must not be empty")
         check(self.format in ("auto", "raypref", "pickapic"),
               f"data.format must be auto, raypref or pickapic, got {self.format!r}")
+        check(self.ties in ("skip", "keep"), f"data.ties must be skip or keep, got {self.ties!r}")
         check(0 <= self.cfg_dropout < 1, f"data.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
 
 
@@ -144,6 +148,9 @@ class TrainConfig:
         per = self.run.num_workers * self.optim.grad_accum
         check(self.optim.batch_size % per == 0,
               f"optim.batch_size {self.optim.batch_size} must divide by run.num_workers x optim.grad_accum = {per}")
+        # Only DPO's loss has a label to set to 0.5; RankDPO and BalancedDPO give a tie zero weight, SFT no winner.
+        check(self.data.ties == "skip" or self.loss.method == "dpo",
+              f"data.ties=keep needs loss.method=dpo (a tie trains at label 0.5), got loss.method={self.loss.method}")
 
     @property
     def micro_batch_size(self) -> int:

@@ -57,6 +57,31 @@ def test_diffusion_dpo_hand_worked():
     torch.testing.assert_close(logits, t(1.0, -0.5), rtol=0, atol=1e-12)
 
 
+def test_dpo_soft_label_is_bradley_terry_cross_entropy_and_a_tie_is_symmetric():
+    z = [1.0, -0.5]  # the logits of test_diffusion_dpo_hand_worked
+    ones = t(1.0, 1.0)
+    torch.testing.assert_close(L.diffusion_dpo_loss(ERR_W, ERR_L, REF_W, REF_L, 100.0, label=ones),
+                               L.diffusion_dpo_loss(ERR_W, ERR_L, REF_W, REF_L, 100.0), rtol=0, atol=1e-12)
+    tie = L.diffusion_dpo_loss(ERR_W, ERR_L, REF_W, REF_L, 100.0, label=t(0.5, 0.5))
+    torch.testing.assert_close(tie, t(*[0.5 * (nls(x) + nls(-x)) for x in z]), rtol=0, atol=1e-12)
+    swapped = L.diffusion_dpo_loss(ERR_L, ERR_W, REF_L, REF_W, 100.0, label=t(0.5, 0.5))
+    torch.testing.assert_close(tie, swapped, rtol=0, atol=1e-12)  # a tie has no first image
+    # label 0 is the pair read the other way round
+    torch.testing.assert_close(L.diffusion_dpo_loss(ERR_W, ERR_L, REF_W, REF_L, 100.0, label=t(0.0, 0.0)),
+                               L.diffusion_dpo_loss(ERR_L, ERR_W, REF_L, REF_W, 100.0), rtol=0, atol=1e-12)
+    # at policy == reference a tie costs log 2 and pulls nowhere; off it, it pulls the margin back to 0
+    err = t(0.3, 0.7).requires_grad_()
+    loss = L.diffusion_dpo_loss(err, t(0.5, 0.2), t(0.3, 0.7), t(0.5, 0.2), 100.0, label=t(0.5, 0.5))
+    torch.testing.assert_close(loss, t(LOG2, LOG2), rtol=0, atol=1e-12)
+    loss.sum().backward()
+    assert err.grad.abs().max() < 1e-12
+    away = t(0.35, 0.7).requires_grad_()  # winner's error raised: margin < 0, the tie pushes it back down
+    L.diffusion_dpo_loss(away, t(0.5, 0.2), t(0.3, 0.7), t(0.5, 0.2), 100.0, label=t(0.5, 0.5)).sum().backward()
+    assert away.grad[0] > 0
+    with pytest.raises(ValueError, match="label"):
+        L.diffusion_dpo_loss(ERR_W, ERR_L, REF_W, REF_L, 100.0, label=t(1.5, 0.5))
+
+
 def test_dpo_metrics_hand_worked():
     m = L.dpo_metrics(ERR_W, ERR_L, REF_W, REF_L, beta=100.0)
     # d_w = err_w - ref_w = [-0.01, 0.00]; d_l = err_l - ref_l = [0.01, -0.01]

@@ -40,16 +40,32 @@ def test_rows_carry_the_labels_winner_and_ties_are_dropped():
             assert idx[pairs[0][0] if pairs else 0] == p["i"], method
 
 
+def test_kept_ties_become_rows_of_equal_phi(tmp_path):
+    table = _pairs(2, ties=1)
+    rows = pickapic.to_rows(table, ties="keep").to_pylist()
+    assert len(rows) == 3 and rows[2]["phi"] == [0.5, 0.5] and rows[2]["pairs"] == []
+    assert rows[2]["images"] == [table["jpg_0"][2].as_py(), table["jpg_1"][2].as_py()]
+    assert select(rows[2], LossSection(method="dpo")) is None
+    assert select(rows[2], LossSection(method="dpo"), keep_ties=True) == ([0, 1], [(0, 1, 1.0)])
+    pq.write_table(_pairs(0, ties=3), tmp_path / "t.parquet")  # all ties: nothing to train unless kept
+    assert pickapic.check(str(tmp_path / "t.parquet"), keep_ties=True)["ties"] == 3
+    cfg = load_config(train_tiny(), None, ["data.ties=keep"])
+    assert cfg.data.ties == "keep"
+    with pytest.raises(ValueError, match="data.ties=keep needs loss.method=dpo"):
+        load_config(train_tiny(), None, ["data.ties=keep", "loss.method=sft"])
+
+
 def test_dpo_trains_two_steps_on_pickapic_parquet(ray_local, tmp_path):
     tiny_model("shapes").save_pretrained(tmp_path / "base")
-    pq.write_table(_pairs(8, ties=2), tmp_path / "pairs.parquet")
+    pq.write_table(_pairs(2, ties=6), tmp_path / "pairs.parquet")
     cfg = load_config(train_tiny(), None, [
         f"model.path={tmp_path / 'base'}", f"data.path={tmp_path / 'pairs.parquet'}", "run.num_workers=1",
-        f"run.storage_path={tmp_path / 'runs'}", "run.name=pickapic", "optim.max_steps=2"])
+        f"run.storage_path={tmp_path / 'runs'}", "run.name=pickapic", "optim.max_steps=2", "data.ties=keep"])
     assert cfg.data.format == "auto" and pickapic.detect_format(cfg.data.path) == "pickapic"
     result = train.build_trainer(cfg).fit()
     assert result.error is None and result.metrics["step"] == 2
-    assert np.isfinite(result.metrics["loss"]) and result.metrics["prompts"] == 4  # batch 4, all usable
+    # batch 4 of 8 rows: only with the 6 ties kept are there 4 prompts a step (skipped, 2 rows)
+    assert np.isfinite(result.metrics["loss"]) and result.metrics["prompts"] == 4
 
 
 @pytest.mark.parametrize("column, value, why", [

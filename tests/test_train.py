@@ -277,6 +277,30 @@ def test_select_hand_worked():
     )
 
 
+def test_select_keeps_ties_only_when_asked():
+    dpo, every = train_config.LossSection(method="dpo"), train_config.LossSection(method="dpo", dpo_pairs="all")
+    tie = {"phi": [0.5, 0.5], "generators": ["pickapic:0", "pickapic:1"], "pairs": []}
+    assert collate.select(tie, dpo) is None and collate.select(tie, dpo, keep_ties=True) == ([0, 1], [(0, 1, 1.0)])
+    part = {"phi": [0.9, 0.2, 0.9], "generators": ["a", "b", "c"], "pairs": []}
+    assert collate.select(part, every) == ([0, 1, 2], [(0, 1, 1.0), (2, 1, 1.0)])
+    assert collate.select(part, every, keep_ties=True) == ([0, 1, 2], [(0, 1, 1.0), (2, 1, 1.0), (0, 2, 1.0)])
+
+
+def test_kept_ties_train_at_label_half(rows):
+    cfg = tiny_cfg("dpo")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, ties="keep"))
+    state = train_state.build_state(cfg, pipe=tiny_model("shapes"))
+    tied = [{**rows[0], "phi": [0.5] * 4}, rows[1]]
+    b = collate.collate(tied, state)
+    assert b["n_rows"] == 2 and b["pair_label"].tolist() == [0.5, 1.0]
+    metrics = train.train_step(state, [tied])
+    assert abs(metrics["loss"] - math.log(2)) < 1e-5  # policy == reference: log 2 for the tie and the pair
+    skip = train_state.build_state(tiny_cfg("dpo"), pipe=tiny_model("shapes"))
+    assert collate.collate(tied, skip)["n_rows"] == 1
+    with pytest.raises(ValueError, match="data.ties=keep needs loss.method=dpo"):
+        dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, method="rankdpo"))
+
+
 def test_dpo_all_pairs_uses_every_ordered_pair(rows):
     state = train_state.build_state(tiny_cfg("dpo", dpo_pairs="all"), pipe=tiny_model("shapes"))
     b = collate.collate(rows, state)
