@@ -3,6 +3,8 @@ forwards (``select``), and one stacked forward batch with per-prompt noise and t
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -88,21 +90,29 @@ def collate(rows: list[dict], state: TrainState) -> dict:
 
     cfg, pipe = state.cfg.loss, state.pipe
     schedule = pipe.noise_schedule()
-    images, row_of, prompts, pairs, pair_w, pair_label, phis, noises = [], [], [], [], [], [], [], []
+    keys, row_of, prompts, pairs, pair_w, pair_label, phis, noises = [], [], [], [], [], [], [], []
     skipped = 0
     size = pipe.default_size()
+    cache = state.latents if state.cfg.data.cache == "latents" else None
     with phase(state, "data"):
         keep_ties = state.cfg.data.ties == "keep"
         picked = [(row, select(row, cfg, keep_ties)) for row in rows]
-        decoded = [[fit(decode_png(row["images"][i]), size) for i in sel[0]] if sel else [] for row, sel in picked]
-    for (row, sel), row_images in zip(picked, decoded):
+        # an image's latents are a function of its bytes (the VAE is frozen, x0 its posterior mean)
+        row_keys = [[hashlib.blake2b(row["images"][i], digest_size=16).digest() for i in sel[0]] if sel else []
+                    for row, sel in picked]
+        todo = {}  # images to decode and encode, by digest
+        for (row, sel), ks in zip(picked, row_keys):
+            for i, key in zip(sel[0] if sel else [], ks):
+                if (cache is None or key not in cache) and key not in todo:
+                    todo[key] = fit(decode_png(row["images"][i]), size)
+    for (row, sel), ks in zip(picked, row_keys):
         if sel is None:
             skipped += 1
             continue
         idx, row_pairs = sel
-        b, base = len(prompts), len(images)
+        b, base = len(prompts), len(keys)
         prompts.append(row["prompt"])
-        images += row_images
+        keys += ks
         row_of += [b] * len(idx)
         pairs += [(base + i, base + j, b) for i, j, _ in row_pairs]
         pair_w += [w for _, _, w in row_pairs]
@@ -113,7 +123,13 @@ def collate(rows: list[dict], state: TrainState) -> dict:
         return {"n_rows": 0, "skipped": skipped}
     with torch.no_grad():
         with phase(state, "encode"):
-            x0 = pipe.encode_images(np.stack(images)).to(state.device, torch.float32)
+            fresh = {}
+            if todo:
+                encoded = pipe.encode_images(np.stack(list(todo.values()))).to(state.device, torch.float32)
+                fresh = dict(zip(todo, encoded))
+                if cache is not None:
+                    cache.update((k, v.to("cpu", copy=True)) for k, v in fresh.items())
+            x0 = torch.stack([fresh[k] if k in fresh else cache[k].to(state.device) for k in keys])
         row_t = torch.as_tensor(row_of, device=state.device)
         noise_rows, t_rows = [], []
         for b, s in enumerate(noises):  # one noise, t and prompt dropout per prompt, shared by its images

@@ -307,7 +307,7 @@ def train_func(config: dict) -> None:
         for batch in shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="pyarrow", drop_last=True):
             yield batch.to_pylist()
 
-    epoch_rows = cached_epochs(read_epoch) if cfg.data.cache_shard else read_epoch
+    epoch_rows = read_epoch if cfg.data.cache == "none" else cached_epochs(read_epoch)
 
     def report(metrics, directory):
         checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None

@@ -15,7 +15,7 @@ import contextlib
 import copy
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,6 +71,7 @@ class TrainState:
     scaler: Any = None
     device: torch.device = torch.device("cpu")
     phase_seconds: dict | None = None  # set to {} to have each step's phases timed into it (benchmarks)
+    latents: dict = field(default_factory=dict)  # image digest -> x0 on CPU (data.cache=latents)
 
     @property
     def ref_adapter(self) -> bool:

@@ -301,6 +301,35 @@ def test_kept_ties_train_at_label_half(rows):
         dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, method="rankdpo"))
 
 
+def test_latents_are_encoded_once_per_image_and_reused(rows):
+    cfg = tiny_cfg("rankdpo")
+    calls = []
+
+    def counting(cache):
+        state = train_state.build_state(
+            dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache=cache)), pipe=tiny_model("shapes"))
+        state.pipe.pipe.vae.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        return state
+
+    cached = counting("latents")
+    first = collate.collate(rows, cached)
+    assert calls == [16] and len(cached.latents) == 16  # 4 rows x K = 4 distinct images
+    again = collate.collate(rows, cached)
+    assert calls == [16]  # the second epoch: no decoding, no encoder
+    torch.testing.assert_close(again["x0"], first["x0"], rtol=0, atol=0)
+    calls.clear()
+    plain = counting("rows")
+    for _ in range(2):
+        b = collate.collate(rows, plain)
+    assert calls == [16, 16] and not plain.latents
+    torch.testing.assert_close(b["x0"], first["x0"], rtol=0, atol=1e-6)  # the same latents as encoding afresh
+    calls.clear()
+    collate.collate(rows[:2], counting("latents"))
+    assert calls == [8]  # a cache belongs to its train state (its model), never shared
+    with pytest.raises(ValueError, match="data.cache must be none, rows or latents"):
+        dataclasses.replace(cfg.data, cache="disk")
+
+
 def test_dpo_all_pairs_uses_every_ordered_pair(rows):
     state = train_state.build_state(tiny_cfg("dpo", dpo_pairs="all"), pipe=tiny_model("shapes"))
     b = collate.collate(rows, state)
