@@ -30,7 +30,7 @@ def judge_app(ray_local):
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_judge_app(
-        "shapes", BACKEND, num_cpus=0.5, max_batch_size=8, batch_wait_timeout_s=0.25,
+        "shapes", BACKEND, num_cpus=0.5, max_batch_size=8, batch_wait_timeout_s=0.1,
         autoscaling_config={"min_replicas": 1, "max_replicas": 1},
     )
     handle = serve.run(app, name="judge", route_prefix="/judge")
