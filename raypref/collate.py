@@ -48,12 +48,11 @@ def select(
             out.append((pos[p["i"]], pos[p["j"]], float(w)))
         return idx, out
     # dpo
-    if phi.max() <= phi.min() and not (keep_ties and k > 1):
+    tied = phi.max() <= phi.min()
+    if tied and not (keep_ties and k > 1):
         return None
     if cfg.dpo_pairs == "best_worst":
-        if phi.max() <= phi.min():
-            return [0, 1], [(0, 1, 1.0)]
-        return [int(np.argmax(phi)), int(np.argmin(phi))], [(0, 1, 1.0)]
+        return ([0, 1] if tied else [int(np.argmax(phi)), int(np.argmin(phi))]), [(0, 1, 1.0)]
     ties = [(i, j, 1.0) for i in range(k) for j in range(i + 1, k) if phi[i] == phi[j]] if keep_ties else []
     return list(range(k)), [(i, j, 1.0) for i in range(k) for j in range(k) if phi[i] > phi[j]] + ties
 
