@@ -148,6 +148,10 @@ def vae_loop(config: dict) -> None:
     clock = _Clock(v.max_steps, minutes, state.get("elapsed", 0.0))  # training time, not rendering
     gen = torch.Generator().manual_seed(cfg.data.seed * 7919 + rank * 104729 + step)  # fresh stream on resume
     local_bs = v.batch_size // world
+    noise = 0.0
+    if decoder_only and v.decoder_latent_noise > 0:
+        with torch.no_grad():
+            noise = v.decoder_latent_noise * vae.encode(pixels[:512].to(device)).latent_dist.mean.std().item()
 
     def save(d):
         if not decoder_only:  # the decoder phase keeps the encoder, so the latent scaling stays valid
@@ -160,7 +164,11 @@ def vae_loop(config: dict) -> None:
         x = pixels[torch.randint(len(pixels), (local_bs,), generator=gen)].to(device)
         posterior = vae.encode(x).latent_dist
         # the decoder phase decodes posterior means, as generation and preference training produce them
-        recon = vae.decode(posterior.mean if decoder_only else posterior.sample(generator=None)).sample
+        z = posterior.mean if decoder_only else posterior.sample(generator=None)
+        if noise:  # every other image: up to `noise` of Gaussian noise; the rest keep exact latents crisp
+            scale = torch.rand(len(z), 1, 1, 1, generator=gen) * noise * (torch.arange(len(z)) % 2).view(-1, 1, 1, 1)
+            z = z + scale.to(device) * torch.randn(z.shape, generator=gen).to(device)
+        recon = vae.decode(z).sample
         w = edge_weights(x, v.edge_weight)
         err = recon - x
         loss = (w * (err**2 + err.abs())).mean() + v.kl_weight * posterior.kl().sum() / len(x)

@@ -61,6 +61,11 @@ class VAESection:
     # denoiser's renders; the encoder is frozen, so the latents (and the latent scaling) do not change.
     decoder_minutes: float = field(default=15.0, metadata={"help": "then the decoder alone on data.size_range "
                                                                    "(0 = skip)"})
+    # A denoiser's latents are slightly off the encoder's; a decoder that only saw exact latents renders
+    # the error as soft corners and tinted fringes, which the detector reads as the wrong shape or colour.
+    decoder_latent_noise: float = field(default=0.0, metadata={
+        "help": "decoder phase: half of each batch decodes latents plus Gaussian noise of up to this many "
+                "latent standard deviations, so small latent errors still decode to crisp shapes (0 = off)"})
     warmup_steps: int = 100
     kl_weight: float = field(default=1e-8, metadata={"help": "KL to N(0, 1), summed over the latent"})
     edge_weight: float = field(default=5.0, metadata={"help": "loss weight of pixels on an object's edge"})
@@ -72,6 +77,8 @@ class VAESection:
         check(self.batch_size >= 1 and self.max_steps >= 1, "vae.batch_size and vae.max_steps must be >= 1")
         check(self.max_minutes >= 0 and self.decoder_minutes >= 0,
               f"vae.max_minutes and vae.decoder_minutes must be >= 0, got {self.max_minutes}, {self.decoder_minutes}")
+        check(self.decoder_latent_noise >= 0,
+              f"vae.decoder_latent_noise must be >= 0, got {self.decoder_latent_noise}")
         check(self.kl_weight >= 0 and self.edge_weight >= 1, "vae.kl_weight must be >= 0 and vae.edge_weight >= 1")
         check(len(self.size_range) == 2 and 1 <= self.size_range[0] <= self.size_range[1],
               f"vae.size_range must be (lo, hi) with 1 <= lo <= hi, got {self.size_range}")

@@ -55,7 +55,8 @@ def test_two_worker_run_trains_the_vae_then_the_unet(ray_local, tmp_path):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     cfg = _cfg(tmp_path, "dp", max_steps=30, lr=2e-3)
-    cfg = merge(cfg, {"run": {"checkpoint_every": 10}})  # each checkpoint is seconds of Ray Train's time
+    # each checkpoint is seconds of Ray Train's time; the decoder phase on noisy latents too
+    cfg = merge(cfg, {"run": {"checkpoint_every": 10}, "vae": {"decoder_latent_noise": 0.3}})
     out = pretrain(cfg)
     vae_losses, unet_losses = _losses(tmp_path / "dp-vae"), _losses(tmp_path / "dp-unet")
     assert max(vae_losses) == 30 and max(unet_losses) == 30
