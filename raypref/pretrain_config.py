@@ -63,7 +63,7 @@ class VAESection:
                                                                    "(0 = skip)"})
     # A denoiser's latents are slightly off the encoder's; a decoder that only saw exact latents renders
     # the error as soft corners and tinted fringes, which the detector reads as the wrong shape or colour.
-    decoder_latent_noise: float = field(default=0.0, metadata={
+    decoder_latent_noise: float = field(default=1.0, metadata={
         "help": "decoder phase: half of each batch decodes latents plus Gaussian noise of up to this many "
                 "latent standard deviations, so small latent errors still decode to crisp shapes (0 = off)"})
     warmup_steps: int = 100
