@@ -118,12 +118,12 @@ def main(argv=None) -> float:
             for p in PHASES:
                 timing[p] = timing.get(p, 0.0) + state.phase_seconds.get(p, 0.0)
 
-    for i in range(epoch):  # the first epoch fills the latent cache
+    for _ in range(epoch):  # the first epoch fills the latent cache
         step(cached, "cached", None)
-    for i in range(args.warmup):
+    for _ in range(args.warmup):
         step(fresh, "fresh", None)
     timings = {"fresh": {"s": []}, "cached": {"s": []}}
-    for i in range(args.steps):  # alternating, so both see the same machine
+    for _ in range(args.steps):  # alternating, so both see the same machine
         step(fresh, "fresh", timings["fresh"])
         step(cached, "cached", timings["cached"])
     out = {}
