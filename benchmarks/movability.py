@@ -81,6 +81,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=450)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--beta", type=float, default=None, help="loss.beta (default: the trainer's)")
+    ap.add_argument("--sft-weight", type=float, default=0.0,
+                    help="loss.sft_weight: add this x the winner's denoising error (RAFT-like anchor)")
     ap.add_argument("--batch-size", type=int, default=16, help="pairs per step")
     ap.add_argument("--per-category", type=int, default=40, help="training prompt slots per category")
     ap.add_argument("--samples", type=int, default=4, help="own samples per training prompt")
@@ -115,7 +117,8 @@ def main(argv=None) -> dict:
             sample_s += time.time() - t0
             t0 = time.time()
             model, metrics = train_lora(rows, start, loss, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                        seed=seed + 100 * it, max_seconds=args.minutes * 60 / args.iterations)
+                                        sft_weight=args.sft_weight, seed=seed + 100 * it,
+                                        max_seconds=args.minutes * 60 / args.iterations)
             train_s += time.time() - t0
             steps += int(metrics.get("step") or 0)
             if it < args.iterations - 1:  # the next iteration's policy and reference

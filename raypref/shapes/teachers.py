@@ -62,6 +62,10 @@ PROFILES = {
     "quill": _profile(0.05, 0.10, 0.10, 0.45, 0.15, 0.60, speckle=0.3, cost=1.0),  # layout; weak at colour
     "vellum": _profile(0.10, 0.25, 0.35, 0.25, 0.35, 0.35, blur=0.5, cost=0.5),  # cheap generalist
     "zephyr": _profile(0.20, 0.40, 0.30, 0.20, 0.10, 0.10, jitter=14.0, cost=2.0),  # composition
+    # Not a paid teacher: the base model's own pretraining data, clean renders whose captions are wrong
+    # as web alt-text often is (colours, counts, colour bindings), so the base model learns the
+    # prompt-following errors that preference alignment exists to remove. Shapes are always right.
+    "web": _profile(0, 0, 0.30, 0.50, 0, 0.50, cost=0.0),
 }
 
 
