@@ -89,10 +89,17 @@ def layout(
         placed: list[Placed] = []
         for o, c in zip(objects, colors):
             r = int(rng.integers(lo, top + 1)) * scale
+            low, high = margin + r, size - margin - r
+            span = high - low
             for _ in range(50):
-                cx = rng.uniform(margin + r, size - margin - r)
-                cy = rng.uniform(margin + r, size - margin - r)
-                if all(max(abs(cx - p.cx), abs(cy - p.cy)) >= r + p.r + gap for p in placed):
+                # two uniform(low, high) draws, as numpy computes them (low + span * u), in one call:
+                # the same stream and values, faster (crowded scenes try thousands of placements)
+                u, v = rng.random(2).tolist()
+                cx, cy = low + span * u, low + span * v
+                for p in placed:
+                    if max(abs(cx - p.cx), abs(cy - p.cy)) < r + p.r + gap:
+                        break
+                else:
                     placed.append(Placed(o.shape, c, cx, cy, r))
                     break
             else:
