@@ -3,6 +3,7 @@ forwards (``select``), and one stacked forward batch with per-prompt noise and t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -89,6 +90,8 @@ def collate(rows: list[dict], state: TrainState) -> dict:
 
     cfg, pipe = state.cfg.loss, state.pipe
     schedule = pipe.noise_schedule()
+    if cfg.t_logit_mean is not None:
+        schedule = dataclasses.replace(schedule, logit_mean=cfg.t_logit_mean)
     keys, row_of, prompts, pairs, pair_w, pair_label, phis, noises = [], [], [], [], [], [], [], []
     skipped = 0
     size = pipe.default_size()

@@ -94,8 +94,16 @@ class LossSection:
     # start the preference loss pulls on the winner's error with about beta / 4, so values that matter
     # are in the hundreds for beta = 2000.
     sft_weight: float = 0.0
+    t_logit_mean: float | None = field(
+        default=None,
+        metadata={"help": "flow models: mean of the logit-normal the training noise levels are drawn from (None: "
+                          "the scheduler's, 0 as in SD3 pretraining); > 0 weights the high-noise steps where layout, "
+                          "count and colour are decided (docs/results.md, movability)"},
+    )
 
     def __post_init__(self):
+        check(self.t_logit_mean is None or (math.isfinite(self.t_logit_mean) and abs(self.t_logit_mean) <= 10),
+              f"loss.t_logit_mean must be None or a finite value in [-10, 10], got {self.t_logit_mean}")
         check(math.isfinite(self.sft_weight) and self.sft_weight >= 0,
               f"loss.sft_weight must be >= 0, got {self.sft_weight}")
         check(self.sft_weight == 0 or self.method != "sft", "loss.sft_weight is for dpo|rankdpo|balanced, not sft")

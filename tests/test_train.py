@@ -185,6 +185,26 @@ def test_noise_shared_per_prompt_and_independent_of_split(rows):
     assert not torch.equal(collate.collate(rows, state)["noise"], whole["noise"])  # fresh draw each step
 
 
+def test_t_logit_mean_draws_higher_noise_levels_and_is_flow_only(rows):
+    base = train_state.build_state(tiny_cfg("dpo"), pipe=tiny_model("shapes"))
+    high = train_state.build_state(tiny_cfg("dpo", t_logit_mean=2.5), pipe=tiny_model("shapes"))
+    schedule = base.pipe.noise_schedule()
+    assert (schedule.prediction_type, schedule.shift, schedule.logit_mean) == ("flow", 1.0, 0.0)
+    t0, t1 = [], []
+    for step in range(8):
+        base.step = high.step = step
+        t0.append(collate.collate(rows, base)["t"])
+        t1.append(collate.collate(rows, high)["t"])
+    s0, s1 = (torch.cat(t).double() / schedule.num_train_timesteps for t in (t0, t1))
+    # the same normal draw, moved by 2.5 on the logit scale: every noise level higher
+    torch.testing.assert_close(torch.logit(s1) - torch.logit(s0), torch.full_like(s0, 2.5), rtol=0, atol=1e-4)
+    assert s1.median() > 0.85 > 0.5 > s0.min()
+    with pytest.raises(ValueError, match="loss.t_logit_mean is for flow-matching models"):
+        train_state.build_state(tiny_cfg("dpo", t_logit_mean=1.0), pipe=tiny_model("pixart"))
+    with pytest.raises(ValueError, match="loss.t_logit_mean must be"):
+        tiny_cfg("dpo", t_logit_mean=float("inf"))
+
+
 def test_cfg_dropout_trains_some_rows_on_the_empty_prompt(rows):
     """data.cfg_dropout replaces a row's prompt by "" (all its images), drawn from the row's noise
     stream: about the asked fraction over steps, the same however rows are split, none when 0."""
