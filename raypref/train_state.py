@@ -116,10 +116,9 @@ def build_state(cfg: TrainConfig, pipe=None, device: torch.device | str = "cpu")
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False)
             m.eval()  # no dropout in the frozen text encoder; LoRA dropout is set by its own layers
-    # a logit-normal over sigma means nothing for DDPM timesteps: refuse rather than ignore it
-    check(cfg.loss.t_logit_mean is None or pipe.noise_schedule().prediction_type == "flow",
-          f"loss.t_logit_mean is for flow-matching models; {cfg.model.path} predicts "
-          f"{pipe.noise_schedule().prediction_type!r}")
+    if cfg.loss.t_logit_mean is not None:  # a logit-normal over sigma means nothing for DDPM timesteps
+        kind = pipe.noise_schedule().prediction_type
+        check(kind == "flow", f"loss.t_logit_mean is for flow-matching models; {cfg.model.path} predicts {kind!r}")
     den = pipe.denoiser
     lora_config, ref_module = None, None
     if cfg.model.lora:
