@@ -83,7 +83,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--beta", type=float, default=None, help="loss.beta (default: the trainer's)")
     ap.add_argument("--sft-weight", type=float, default=0.0,
                     help="loss.sft_weight: add this x the winner's denoising error (RAFT-like anchor)")
-    ap.add_argument("--t-logit-mean", type=float, default=None,
+    # The shipped model's errors (a wrong colour or count) are decided at high noise, where mean 2.5 puts
+    # most steps (docs/results.md, "Training noise levels").
+    ap.add_argument("--t-logit-mean", type=float, default=2.5,
                     help="loss.t_logit_mean: draw training noise levels from a logit-normal with this mean")
     ap.add_argument("--batch-size", type=int, default=16, help="pairs per step")
     ap.add_argument("--per-category", type=int, default=40, help="training prompt slots per category")
@@ -107,7 +109,7 @@ def main(argv=None) -> dict:
     before = results["before"]["overall"]
     print(f"before: ShapesEval {before:.3f} " + json.dumps(results["before"]["shapes"]), flush=True)
     loss = {"method": "dpo", **({"beta": args.beta} if args.beta is not None else {}),
-            **({"t_logit_mean": args.t_logit_mean} if args.t_logit_mean is not None else {})}
+            "t_logit_mean": args.t_logit_mean}
     for seed in args.seeds:
         key = f"s{seed}"
         if key in results:
