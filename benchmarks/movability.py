@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
     # The shipped model's errors (a wrong colour or count) are decided at high noise, where mean 2.5 puts
     # most steps (docs/results.md, "Training noise levels").
     ap.add_argument("--t-logit-mean", type=float, default=2.5,
-                    help="loss.t_logit_mean: draw training noise levels from a logit-normal with this mean")
+                    help="loss.t_logit_mean: draw training noise levels from a logit-normal with this mean "
+                         "(default 2.5; 0 = the trainer's default)")
     ap.add_argument("--batch-size", type=int, default=16, help="pairs per step")
     ap.add_argument("--per-category", type=int, default=40, help="training prompt slots per category")
     ap.add_argument("--samples", type=int, default=4, help="own samples per training prompt")
