@@ -70,6 +70,10 @@ def onpolicy_pairs(
     return rows, {"samples": len(prompts), "own_pass_rate": float((score == 1.0).mean()), "pairs": len(rows)}
 
 
+def _float_or_none(value: str) -> float | None:
+    return None if value == "none" else float(value)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -85,9 +89,9 @@ def main(argv=None) -> dict:
                     help="loss.sft_weight: add this x the winner's denoising error (RAFT-like anchor)")
     # The shipped model's errors (a wrong colour or count) are decided at high noise, where mean 2.5 puts
     # most steps (docs/results.md, "Training noise levels").
-    ap.add_argument("--t-logit-mean", type=float, default=2.5,
+    ap.add_argument("--t-logit-mean", type=_float_or_none, default=2.5,
                     help="loss.t_logit_mean: draw training noise levels from a logit-normal with this mean "
-                         "(default 2.5; 0 = the trainer's default)")
+                         "(default 2.5; 'none' keeps the trainer's noise levels, as a DDPM model needs)")
     ap.add_argument("--batch-size", type=int, default=16, help="pairs per step")
     ap.add_argument("--per-category", type=int, default=40, help="training prompt slots per category")
     ap.add_argument("--samples", type=int, default=4, help="own samples per training prompt")
@@ -110,7 +114,7 @@ def main(argv=None) -> dict:
     before = results["before"]["overall"]
     print(f"before: ShapesEval {before:.3f} " + json.dumps(results["before"]["shapes"]), flush=True)
     loss = {"method": "dpo", **({"beta": args.beta} if args.beta is not None else {}),
-            "t_logit_mean": args.t_logit_mean}
+            **({"t_logit_mean": args.t_logit_mean} if args.t_logit_mean is not None else {})}
     for seed in args.seeds:
         key = f"s{seed}"
         if key in results:
