@@ -3,16 +3,17 @@
 For each seed: sample the start model on training prompts (disjoint from ShapesEval's prompts and
 seeds), label its own samples with the faithfulness reward (1.0 exactly when ShapesEval passes),
 pair a passing sample with a failing one of the same prompt, and train LoRA Diffusion-DPO in this
-process; with ``--iterations N`` the sample-pair-train loop runs N times, each from the model the
-last one left (LoRA folded in, fresh prompts and seeds), on-policy throughout. Training time over all
-iterations is at most ``--minutes`` (sampling excluded); then ShapesEval before and after on the same
-300 eval images.
+process, with the winners' denoising error added as an anchor (``--sft-weight``); with
+``--iterations N`` the sample-pair-train loop runs N times, each from the model the last one left
+(LoRA folded in, fresh prompts and seeds), on-policy throughout. Training time over all iterations
+is at most ``--minutes`` (sampling excluded); then ShapesEval before and after on the same 300 eval
+images.
 
     .venv/bin/python benchmarks/movability.py --out outputs/movability
 
 Writes every evaluated model's images as a shapes-eval directory (``before/``, ``after_s{seed}/``),
-``results.json`` (a re-run skips finished seeds), and prints ``movability: mean gain X, min gain Y``
-as its last line.
+``results.json`` (a re-run with the same options skips finished seeds), and prints
+``movability: mean gain X, min gain Y`` as its last line.
 """
 
 from __future__ import annotations
@@ -85,8 +86,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=450)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--beta", type=float, default=None, help="loss.beta (default: the trainer's)")
-    ap.add_argument("--sft-weight", type=float, default=0.0,
-                    help="loss.sft_weight: add this x the winner's denoising error (RAFT-like anchor)")
+    # DPO alone moved the shipped model by +0.027 (mean of 3 seeds); the winner anchor with 8 own samples per
+    # prompt by more than twice that (docs/results.md, "Moving web2").
+    ap.add_argument("--sft-weight", type=float, default=1000.0,
+                    help="loss.sft_weight: add this x the winner's denoising error to the DPO loss (an anchor "
+                         "on the passing images, as the driver's DPO stage uses; 0 for DPO alone)")
     # The shipped model's errors (a wrong colour or count) are decided at high noise, where mean 2.5 puts
     # most steps (docs/results.md, "Training noise levels").
     ap.add_argument("--t-logit-mean", type=_float_or_none, default=2.5,
@@ -94,7 +98,7 @@ def main(argv=None) -> dict:
                          "(default 2.5; 'none' keeps the trainer's noise levels, as a DDPM model needs)")
     ap.add_argument("--batch-size", type=int, default=16, help="pairs per step")
     ap.add_argument("--per-category", type=int, default=40, help="training prompt slots per category")
-    ap.add_argument("--samples", type=int, default=4, help="own samples per training prompt")
+    ap.add_argument("--samples", type=int, default=8, help="own samples per training prompt")
     ap.add_argument("--n-per-category", type=int, default=50, help="ShapesEval prompts per category")
     ap.add_argument("--sample-steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
@@ -106,6 +110,14 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rpath = out / "results.json"
     results = load_results(rpath)
+    # a re-run skips finished seeds, so they must have been made by this recipe
+    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "threads")}
+    if results and results.get("recipe") != recipe:
+        old = results.get("recipe") or {}
+        diff = sorted(k for k in recipe.keys() | old.keys() if old.get(k) != recipe.get(k))
+        sys.exit(f"{rpath} holds results of another recipe (differs in: {', '.join(diff)}); "
+                 "use a new --out or the same options")
+    results["recipe"] = recipe
     base = str(resolve_checkpoint(args.model))
     gen = PipelineGenerator(base, num_inference_steps=args.sample_steps, guidance_scale=3.0)
     if "before" not in results:
