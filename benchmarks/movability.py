@@ -112,8 +112,10 @@ def main(argv=None) -> dict:
     results = load_results(rpath)
     # a re-run skips finished seeds, so they must have been made by this recipe
     recipe = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "threads")}
-    if results and results.get("recipe") != recipe:
-        old = results.get("recipe") or {}
+    if results and "recipe" not in results:
+        sys.exit(f"{rpath} holds results without a recorded recipe (an older run); use a new --out")
+    if results and results["recipe"] != recipe:
+        old = results["recipe"]
         diff = sorted(k for k in recipe.keys() | old.keys() if old.get(k) != recipe.get(k))
         sys.exit(f"{rpath} holds results of another recipe (differs in: {', '.join(diff)}); "
                  "use a new --out or the same options")
