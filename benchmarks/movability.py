@@ -109,17 +109,7 @@ def main(argv=None) -> dict:
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     rpath = out / "results.json"
-    results = load_results(rpath)
-    # a re-run skips finished seeds, so they must have been made by this recipe
-    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "seeds", "threads")}
-    if results and "recipe" not in results:
-        sys.exit(f"{rpath} holds results without a recorded recipe (an older run); use a new --out")
-    if results and results["recipe"] != recipe:
-        old = results["recipe"]
-        diff = sorted(k for k in recipe.keys() | old.keys() if old.get(k) != recipe.get(k))
-        sys.exit(f"{rpath} holds results of another recipe (differs in: {', '.join(diff)}); "
-                 "use a new --out or the same options")
-    results["recipe"] = recipe
+    results = load_results(rpath, args)  # finished seeds of this recipe
     base = str(resolve_checkpoint(args.model))
     gen = PipelineGenerator(base, num_inference_steps=args.sample_steps, guidance_scale=3.0)
     if "before" not in results:

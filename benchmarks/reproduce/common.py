@@ -92,9 +92,28 @@ def fmt(values: list[float]) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
-def load_results(path: Path) -> dict:
-    """Finished runs of an interrupted experiment (re-running skips them)."""
-    return json.loads(path.read_text()) if path.exists() else {}
+def load_results(path: Path, args=None, ignore: tuple[str, ...] = ()) -> dict:
+    """Finished runs of an interrupted experiment (re-running skips them). With ``args`` (argparse), the
+    options they were made with are kept beside them (``recipe.json``) and a re-run with other options
+    is refused, since it would skip runs of another recipe; ``--out``, ``--seeds``, ``--threads`` and the
+    options in ``ignore`` (ones that only pick which runs to do) may change."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if args is None:
+        return results
+    skip = {"out", "seeds", "threads", *ignore}
+    recipe = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}))
+    rpath = path.with_name("recipe.json")
+    if rpath.exists():
+        old = json.loads(rpath.read_text())
+        diff = sorted(k for k in recipe.keys() | old.keys() if old.get(k) != recipe.get(k))
+        if diff:
+            sys.exit(f"{path.parent} holds runs of another recipe (differs in: {', '.join(diff)}); "
+                     "use a new --out or the same options")
+    elif results:
+        sys.exit(f"{path.parent} holds runs without a recorded recipe (an older run); use a new --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rpath.write_text(json.dumps(recipe, indent=1))
+    return results
 
 
 def save_results(path: Path, results: dict) -> None:
@@ -116,8 +135,9 @@ def add_run_args(ap, *, steps: int, lr: float) -> None:
     ap.add_argument("--threads", type=int, default=2)
 
 
-def setup(args) -> tuple[Path, str, Path, dict]:
-    """Threads, the output dir, the starting checkpoint -> (out, base, results.json path, finished runs)."""
+def setup(args, ignore: tuple[str, ...] = ()) -> tuple[Path, str, Path, dict]:
+    """Threads, the output dir, the starting checkpoint -> (out, base, results.json path, finished runs of
+    this recipe; ``ignore`` as in ``load_results``)."""
     import torch
 
     from raypref.checkpoints import resolve_checkpoint
@@ -126,4 +146,4 @@ def setup(args) -> tuple[Path, str, Path, dict]:
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     rpath = out / "results.json"
-    return out, str(resolve_checkpoint(args.model)), rpath, load_results(rpath)
+    return out, str(resolve_checkpoint(args.model)), rpath, load_results(rpath, args, ignore)

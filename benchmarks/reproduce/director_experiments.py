@@ -292,7 +292,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tournament-per-category", type=int, default=10)
     args = ap.parse_args(argv)
 
-    out, base, rpath, results = setup(args)
+    out, base, rpath, results = setup(args, ignore=("parts", "budgets"))  # run keys name their budget
     t0 = time.time()
     if "start" not in results:
         results["start"] = [run_eval(Sampler(load_model(base), "start", args.sample_steps), args.n_per_category,

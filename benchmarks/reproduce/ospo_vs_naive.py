@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     base = str(resolve_checkpoint(args.model))
     t0 = time.time()
     rpath = out / "results.json"
-    table = load_results(rpath)  # re-running skips finished seeds
+    table = load_results(rpath, args)  # re-running skips finished seeds
     if "start" not in table:
         gen = PipelineGenerator(base, num_inference_steps=args.sample_steps, guidance_scale=3.0)
         table["start"] = [run_eval(gen, args.n_per_category, args.eval_seed, out / "eval_start")]

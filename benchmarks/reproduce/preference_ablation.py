@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
 
     from raypref.rewards import build_reward
 
-    out, base, results_path, results = setup(args)  # re-running skips finished runs
+    out, base, results_path, results = setup(args, ignore=("arms",))  # re-running skips finished runs
     rows = load_rows(args.data)
     rewards = {}
     for m in WIN_METRICS:

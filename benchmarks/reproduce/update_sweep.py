@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     rpath = out / "results.json"
-    results = load_results(rpath)
+    results = load_results(rpath, args, ignore=("arms",))  # an arm's key is its whole recipe
     base = str(resolve_checkpoint(args.model))
     gen = PipelineGenerator(base, num_inference_steps=20, guidance_scale=3.0)
     t0 = time.time()
