@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "reproduce"))
-from common import Sampler, fmt, load_results, save_results, train_lora  # noqa: E402
+from common import Sampler, fmt, save_results, setup, train_lora  # noqa: E402
 
-from raypref.checkpoints import resolve_checkpoint  # noqa: E402
 from raypref.generators import PipelineGenerator  # noqa: E402
 from raypref.prefdata import make_row  # noqa: E402
 from raypref.shapes.evaluate import run_eval  # noqa: E402
@@ -103,14 +102,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sample-steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    rpath = out / "results.json"
-    results = load_results(rpath, args)  # finished seeds of this recipe
-    base = str(resolve_checkpoint(args.model))
+    out, base, rpath, results = setup(args)  # results: finished seeds of this recipe
     gen = PipelineGenerator(base, num_inference_steps=args.sample_steps, guidance_scale=3.0)
     if "before" not in results:
         results["before"] = run_eval(gen, args.n_per_category, 0, out / "before")

@@ -34,9 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Sampler, load_results, save_results, subset_scores, train_lora  # noqa: E402
+from common import Sampler, save_results, setup, subset_scores, train_lora  # noqa: E402
 
-from raypref.checkpoints import resolve_checkpoint  # noqa: E402
 from raypref.generators import PipelineGenerator  # noqa: E402
 from raypref.prefdata import encode_png, make_row, prompt_id  # noqa: E402
 from raypref.shapes.detect import passes  # noqa: E402
@@ -146,17 +145,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-per-category", type=int, default=50, help="ShapesEval prompts per category")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
     for arm in args.arms:
         if arm.split(":")[0] not in SFT_DATA + DPO_DATA or arm.count(":") < 2:
             ap.error(f"bad arm {arm!r}: expected DATA:STEPS:LR[:opt=value...] with DATA in {SFT_DATA + DPO_DATA}")
-    out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    rpath = out / "results.json"
-    results = load_results(rpath, args, ignore=("arms",))  # an arm's key is its whole recipe
-    base = str(resolve_checkpoint(args.model))
+    out, base, rpath, results = setup(args, ignore=("arms",))  # an arm's key is its whole recipe
     gen = PipelineGenerator(base, num_inference_steps=20, guidance_scale=3.0)
     t0 = time.time()
     samples = own_samples(
