@@ -12,7 +12,8 @@ from raypref.shapes.render import SIZE_RANGE
 
 @dataclass(frozen=True)
 class ModelSection:
-    size: str = field(default="small", metadata={"help": "raypref.shapes.model.SIZES: tiny (16 px) or small (32 px)"})
+    size: str = field(default="small", metadata={
+        "help": "raypref.shapes.model.SIZES, e.g. tiny (16 px, for tests) or small (32 px, 8 x 8 latents)"})
     init_seed: int = field(default=0, metadata={"help": "seed of the random initial weights"})
     init_from: str = field(default="", metadata={
         "help": "a saved shapes pipeline whose UNet and text encoder start stage 2 (continued training; "

@@ -111,6 +111,21 @@ def test_bad_arguments():
         model.generate(["a circle", "a square"], [1])
 
 
+def test_unet_attention_layout_follows_the_size():
+    """Default: attention in every block but the lowest; a size may drop it where it is costly (16 x 16)."""
+    from dataclasses import replace
+
+    from raypref.shapes.model import SIZES, build_unet
+
+    assert build_unet("tiny").config.down_block_types == ("CrossAttnDownBlock2D", "DownBlock2D")
+    unet = build_unet("latent16")
+    assert unet.config.sample_size == 16
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    with pytest.raises(ValueError, match="one entry per UNet block"):
+        build_unet(replace(SIZES["tiny"], unet_attention=(True,)))
+
+
 def test_shapes_eval_cli_on_a_checkpoint(tiny, tmp_path, capsys):
     from raypref.cli import main as cli_main
     from raypref.shapes.evaluate import rescore_dir

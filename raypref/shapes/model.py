@@ -41,6 +41,9 @@ class ModelSize:
     attention_head_dim: int
     text_hidden: int
     text_layers: int
+    # which UNet blocks, top to bottom, have (self- and cross-) attention; () = all but the lowest.
+    # Self-attention over 16 x 16 latents costs 2.5 x a whole 8 x 8 UNet step on a CPU.
+    unet_attention: tuple[bool, ...] = ()
 
     @property
     def latent_size(self) -> int:
@@ -53,6 +56,14 @@ SIZES = {
     "small": ModelSize(resolution=32, vae_channels=(16, 32, 32), vae_groups=16, latent_channels=4,
                        unet_channels=(64, 128, 128), unet_groups=32, attention_head_dim=8, text_hidden=128,
                        text_layers=2),
+    # pilots (issue 16): 16 x 16 x 4 latents (VAE downsampling 2), so a square's corner is a latent
+    # feature rather than a sub-cell detail; no attention at 16 x 16, so a step costs what small's does
+    "latent16": ModelSize(resolution=32, vae_channels=(16, 32), vae_groups=16, latent_channels=4,
+                          unet_channels=(32, 64, 128), unet_groups=16, attention_head_dim=8, text_hidden=128,
+                          text_layers=2, unet_attention=(False, True, False)),
+    "latent16_wide": ModelSize(resolution=32, vae_channels=(16, 32), vae_groups=16, latent_channels=4,
+                               unet_channels=(48, 96, 128), unet_groups=16, attention_head_dim=8, text_hidden=128,
+                               text_layers=2, unet_attention=(False, True, False)),
     # pilot: twice the latent channels (easier reconstruction, a larger space to denoise)
     "small_z8": ModelSize(resolution=32, vae_channels=(16, 32, 32), vae_groups=16, latent_channels=8,
                           unet_channels=(64, 128, 128), unet_groups=32, attention_head_dim=8, text_hidden=128,
@@ -110,10 +121,13 @@ def build_unet(size: str | ModelSize, seed: int = 0) -> UNet2DConditionModel:
     s = model_size(size)
     torch.manual_seed(seed)
     n = len(s.unet_channels)
+    attention = s.unet_attention or (True,) * (n - 1) + (False,)
+    if len(attention) != n:
+        raise ValueError(f"unet_attention {attention} needs one entry per UNet block ({n})")
     return UNet2DConditionModel(
         sample_size=s.latent_size, in_channels=s.latent_channels, out_channels=s.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         block_out_channels=s.unet_channels, layers_per_block=1, cross_attention_dim=s.text_hidden,
         attention_head_dim=s.attention_head_dim, norm_num_groups=s.unet_groups,
     )
