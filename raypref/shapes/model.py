@@ -45,6 +45,16 @@ class ModelSize:
     # Self-attention over 16 x 16 latents costs 2.5 x a whole 8 x 8 UNet step on a CPU.
     unet_attention: tuple[bool, ...] = ()
 
+    def __post_init__(self):
+        if self.unet_attention and len(self.unet_attention) != len(self.unet_channels):
+            raise ValueError(f"unet_attention {self.unet_attention} needs one entry per UNet block "
+                             f"({len(self.unet_channels)})")
+
+    @property
+    def attention_blocks(self) -> tuple[bool, ...]:
+        n = len(self.unet_channels)
+        return self.unet_attention or (True,) * (n - 1) + (False,)
+
     @property
     def latent_size(self) -> int:
         return self.resolution // 2 ** (len(self.vae_channels) - 1)
@@ -120,10 +130,7 @@ def build_vae(size: str | ModelSize, seed: int = 0) -> AutoencoderKL:
 def build_unet(size: str | ModelSize, seed: int = 0) -> UNet2DConditionModel:
     s = model_size(size)
     torch.manual_seed(seed)
-    n = len(s.unet_channels)
-    attention = s.unet_attention or (True,) * (n - 1) + (False,)
-    if len(attention) != n:
-        raise ValueError(f"unet_attention {attention} needs one entry per UNet block ({n})")
+    attention = s.attention_blocks
     return UNet2DConditionModel(
         sample_size=s.latent_size, in_channels=s.latent_channels, out_channels=s.latent_channels,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
