@@ -1,6 +1,6 @@
 """Pretrain the shapes base model with Ray Train: the VAE, then the latent UNet (flow matching).
 
-    python jobs/pretrain_shapes.py                       # the shipped recipe (preset shapes_cpu)
+    python jobs/pretrain_shapes.py                       # the 8 x 8 recipe (preset shapes_cpu)
     python jobs/pretrain_shapes.py model.size=tiny data.pool_size=256 run.storage_path=/tmp/runs
     ray job submit --working-dir . -- python jobs/pretrain_shapes.py --config my.yaml optim.lr=3e-4
 

@@ -129,7 +129,8 @@ class PretrainConfig:
 
 
 def shapes_cpu() -> PretrainConfig:
-    """The shipped base model's recipe on a 2-core CPU."""
+    """The 8 x 8-latent recipe on a 2-core CPU (``model.size=latent16`` and the stages in docs/results.md,
+    "16 x 16 latents", made the shipped model)."""
     return PretrainConfig()
 
 
