@@ -85,8 +85,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=450)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--beta", type=float, default=None, help="loss.beta (default: the trainer's)")
-    # DPO alone moved the shipped model by +0.027 (mean of 3 seeds); the winner anchor with 8 own samples per
-    # prompt by more than twice that (docs/results.md, "Moving web2").
+    # DPO alone moved `web2` (the 8 x 8 model shipped before) by +0.027 (mean of 3 seeds); the winner anchor with
+    # 8 own samples per prompt by more than twice that (docs/results.md, "Moving web2").
     ap.add_argument("--sft-weight", type=float, default=1000.0,
                     help="loss.sft_weight: add this x the winner's denoising error to the DPO loss (an anchor "
                          "on the passing images, as the driver's DPO stage uses; 0 for DPO alone)")
